@@ -1,0 +1,1 @@
+"""The application: settings, FastAPI app, services, database models and the command line."""

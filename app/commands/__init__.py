@@ -1,0 +1,1 @@
+"""Subcommands of the ``convirt`` command line, one module each."""

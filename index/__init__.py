@@ -1,0 +1,1 @@
+"""The vector index: FAISS with ids, atomic save/load and a manifest. No model, no database."""
