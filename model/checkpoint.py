@@ -1,0 +1,128 @@
+"""Training checkpoints: atomic writes, format checks and the RNG states of a run.
+
+A checkpoint is a plain dict saved with :func:`torch.save` and read back with
+``weights_only=True`` (no arbitrary pickles are executed on load). It always carries the full
+training config as a dict, so a checkpoint can rebuild its own model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "convirt-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ModelError):
+    """A checkpoint file is missing, unreadable or not a ConVIRT checkpoint."""
+
+    code = "checkpoint_invalid"
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The Python, NumPy and torch (CPU and every CUDA device) generator states."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        # weights_only loading refuses numpy arrays, so the key travels as a tensor.
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    python_state = state["python"]
+    # torch.load gives lists back where random.getstate had tuples.
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["kind"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            logger.warning(
+                "checkpoint has CUDA RNG states for %d devices, this machine has %d: not restored",
+                len(cuda_states),
+                torch.cuda.device_count(),
+            )
+
+
+def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` atomically: a crash mid-write never leaves a torn file.
+
+    The format marker and version are added here; returns the path written.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(data, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    logger.debug("checkpoint written to %s", target)
+    return target
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` and check its format.
+
+    Raises :class:`CheckpointError` when the file is missing, unreadable or of another format.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise CheckpointError(f"checkpoint {source} does not exist")
+    try:
+        data = torch.load(source, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {source} could not be read: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{source} is not a ConVIRT training checkpoint")
+    if data.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {source} has format version {data.get('version')!r}, "
+            f"this code reads version {CHECKPOINT_VERSION}"
+        )
+    for key in ("config", "model"):
+        if key not in data:
+            raise CheckpointError(f"checkpoint {source} lacks its {key!r} entry")
+    return data
