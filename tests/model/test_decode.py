@@ -531,6 +531,17 @@ def test_implicit_vr_dicom_decodes() -> None:
     np.testing.assert_allclose(decode_image(buffer.getvalue()).pixels, stored / 4095.0, atol=1e-6)
 
 
+@pytest.mark.parametrize("implicit", [True, False])
+def test_missing_transfer_syntax_is_taken_from_the_dataset_encoding(implicit: bool) -> None:
+    stored = ramp()
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(stored)))
+    del ds.file_meta.TransferSyntaxUID  # older writers omit it
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    decoded = decode_image(buffer.getvalue())
+    np.testing.assert_allclose(decoded.pixels, stored / 4095.0, atol=1e-6)
+
+
 # ----------------------------------------------------------------- PNG / JPEG
 
 
