@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # Order is the order shown in ``convirt --help``.
-COMMAND_MODULES: tuple[str, ...] = ("demo_data",)
+COMMAND_MODULES: tuple[str, ...] = ("demo_data", "db")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,308 @@
+"""SQLAlchemy models: the service's tables, the source of truth the vector index follows.
+
+Tables:
+
+- ``images``: one row per distinct uploaded image (``content_hash`` = sha256 of the
+  uploaded bytes, so the same bytes uploaded again find their row). Pixels live in files
+  under the data directory, as a de-identified normalised grayscale PNG and a thumbnail;
+  the paths stored are relative to ``Settings.data_dir``. Naming the files after the
+  content hash lets them be written before the row exists.
+- ``models``: encoder bundles the service has used, keyed by the bundle's model id.
+- ``embeddings``: one vector per (image, model), so that a new model can be rolled out
+  beside the old one; deleted with their image.
+- ``evaluation_runs``: background evaluation runs and their results.
+- ``embedding_cache``: vectors of the evaluation's images keyed by (model id, image
+  content hash); these images need not be stored in ``images``.
+
+No column holds a patient identifier (name, patient id, birth date, accession number):
+``study_ref`` is an opaque reference chosen by the uploading system and must not be one of
+those. Vectors are stored as raw little-endian float32 bytes with their dimension, checked
+by the database (``length(vector) = 4 * dim``).
+
+The schema is created by the Alembic migrations in ``migrations/``, which must match these
+models exactly (a test runs autogenerate against a migrated database and expects nothing).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, ClassVar, Final
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    false,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from app.errors import AppError
+
+#: Length of ``sha256:<64 hex digits>``, the form of bundle model ids.
+MODEL_ID_CHARS: Final = 71
+#: Length of a hex sha256 digest.
+CONTENT_HASH_CHARS: Final = 64
+#: Relative paths of stored files.
+PATH_CHARS: Final = 512
+
+EVALUATION_STATUSES: Final[tuple[str, ...]] = ("queued", "running", "succeeded", "failed")
+
+# Deterministic constraint names: Alembic needs them to drop or alter constraints, and
+# SQLite's batch mode rebuilds tables by name.
+NAMING_CONVENTION: Final[dict[str, str]] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY (the rowid); BIGINT would not.
+BigIntId = BigInteger().with_variant(Integer(), "sqlite")
+# JSONB on PostgreSQL (compact, indexable); JSON text elsewhere.
+# none_as_null: a Python None is SQL NULL, not the JSON text 'null'.
+PortableJSON = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+
+class NaiveDatetimeError(AppError, ValueError):
+    """A datetime without a timezone was about to be stored."""
+
+    code = "naive_datetime"
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware timestamp, stored and returned in UTC on every backend.
+
+    SQLite keeps no offset, so values read back from it would be naive; they are read as
+    UTC, which is what was written.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise NaiveDatetimeError(f"refusing to store naive datetime {value.isoformat()}")
+        utc = value.astimezone(dt.UTC)
+        # SQLite compares timestamps as text: keep one format, without the offset.
+        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, dt.datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+    @property
+    def python_type(self) -> type[dt.datetime]:
+        return dt.datetime
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dt.datetime: UTCDateTime(),
+        dict[str, Any]: PortableJSON,
+    }
+
+
+class InvalidVectorError(AppError, ValueError):
+    """A vector is not a finite 1-D float array of the expected dimension."""
+
+    code = "invalid_vector"
+
+
+def vector_to_bytes(vector: npt.ArrayLike) -> tuple[bytes, int]:
+    """Pack a vector of shape (dim,) as little-endian float32 bytes; returns (bytes, dim)."""
+    array = np.asarray(vector, dtype="<f4")  # (dim,)
+    if array.ndim != 1 or array.size == 0:
+        raise InvalidVectorError(f"expected a non-empty 1-D vector, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise InvalidVectorError("the vector holds NaN or infinite values")
+    return array.tobytes(), int(array.size)
+
+
+def bytes_to_vector(data: bytes, dim: int) -> npt.NDArray[np.float32]:
+    """Unpack little-endian float32 bytes into a native float32 array of shape (dim,)."""
+    if len(data) != 4 * dim:
+        raise InvalidVectorError(f"{len(data)} bytes cannot hold {dim} float32 values")
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)  # (dim,)
+
+
+class TimestampMixin:
+    created_at: Mapped[dt.datetime] = mapped_column(
+        default=utcnow, server_default=func.current_timestamp()
+    )
+
+
+class Image(TimestampMixin, Base):
+    """A stored radiograph: its metadata and where its de-identified pixels are."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    content_hash: Mapped[str] = mapped_column(
+        String(CONTENT_HASH_CHARS), unique=True, comment="sha256 hex of the uploaded bytes"
+    )
+    source_format: Mapped[str] = mapped_column(String(16), comment="dicom, png or jpeg")
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    bits: Mapped[int | None] = mapped_column(SmallInteger, comment="bits stored per pixel")
+    photometric: Mapped[str | None] = mapped_column(String(32))
+    view_position: Mapped[str | None] = mapped_column(String(16), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    labels: Mapped[dict[str, Any]] = mapped_column(
+        default=dict, comment="observation → 1 positive, 0 negative, -1 uncertain"
+    )
+    report_text: Mapped[str | None] = mapped_column(Text)
+    study_ref: Mapped[str | None] = mapped_column(
+        String(128), index=True, comment="opaque external study reference, never an accession"
+    )
+    image_path: Mapped[str] = mapped_column(String(PATH_CHARS))
+    thumbnail_path: Mapped[str] = mapped_column(String(PATH_CHARS))
+    original_path: Mapped[str | None] = mapped_column(String(PATH_CHARS))
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        default=utcnow, onupdate=utcnow, server_default=func.current_timestamp()
+    )
+
+    embeddings: Mapped[list[Embedding]] = relationship(
+        back_populates="image", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    __table_args__ = (
+        CheckConstraint("width > 0 AND height > 0", name="positive_size"),
+        CheckConstraint("length(content_hash) = 64", name="content_hash_length"),
+    )
+
+
+class EncoderModel(TimestampMixin, Base):
+    """An encoder bundle, identified by its model id (``sha256:…``)."""
+
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(MODEL_ID_CHARS), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    dim: Mapped[int] = mapped_column(Integer)
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    is_active: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=false(), comment="the bundle the service serves"
+    )
+
+    embeddings: Mapped[list[Embedding]] = relationship(
+        back_populates="model", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    __table_args__ = (CheckConstraint("dim > 0", name="positive_dim"),)
+
+
+class Embedding(TimestampMixin, Base):
+    """The vector of one image under one model: float32 little-endian, shape (dim,)."""
+
+    __tablename__ = "embeddings"
+
+    image_id: Mapped[int] = mapped_column(
+        BigIntId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    model_id: Mapped[str] = mapped_column(
+        String(MODEL_ID_CHARS),
+        ForeignKey("models.id", ondelete="CASCADE"),
+        primary_key=True,
+        index=True,
+    )
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+    image: Mapped[Image] = relationship(back_populates="embeddings")
+    model: Mapped[EncoderModel] = relationship(back_populates="embeddings")
+
+    __table_args__ = (CheckConstraint("length(vector) = 4 * dim", name="vector_length"),)
+
+    @classmethod
+    def from_vector(cls, image_id: int, model_id: str, vector: npt.ArrayLike) -> Embedding:
+        """Build the row for a vector of shape (dim,)."""
+        data, dim = vector_to_bytes(vector)
+        return cls(image_id=image_id, model_id=model_id, dim=dim, vector=data)
+
+    def as_array(self) -> npt.NDArray[np.float32]:
+        """The vector, shape (dim,)."""
+        return bytes_to_vector(self.vector, self.dim)
+
+
+class EvaluationRun(Base):
+    """One evaluation of a model under a protocol, run in the background.
+
+    ``model_id`` is not a foreign key: a run's record outlives the model row.
+    """
+
+    __tablename__ = "evaluation_runs"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    model_id: Mapped[str] = mapped_column(String(MODEL_ID_CHARS), index=True)
+    protocol: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    results: Mapped[dict[str, Any] | None] = mapped_column()
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(
+        default=utcnow, server_default=func.current_timestamp(), index=True
+    )
+    started_at: Mapped[dt.datetime | None] = mapped_column()
+    finished_at: Mapped[dt.datetime | None] = mapped_column()
+
+    __table_args__ = (
+        CheckConstraint(
+            "status IN (" + ", ".join(f"'{s}'" for s in EVALUATION_STATUSES) + ")",
+            name="known_status",
+        ),
+        CheckConstraint("progress >= 0 AND progress <= 1", name="progress_range"),
+    )
+
+
+class CachedEmbedding(TimestampMixin, Base):
+    """An evaluation image's vector, keyed by (model id, content hash); shape (dim,)."""
+
+    __tablename__ = "embedding_cache"
+
+    model_id: Mapped[str] = mapped_column(String(MODEL_ID_CHARS), primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(CONTENT_HASH_CHARS), primary_key=True)
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+    __table_args__ = (CheckConstraint("length(vector) = 4 * dim", name="vector_length"),)
+
+    @classmethod
+    def from_vector(
+        cls, model_id: str, content_hash: str, vector: npt.ArrayLike
+    ) -> CachedEmbedding:
+        """Build the row for a vector of shape (dim,)."""
+        data, dim = vector_to_bytes(vector)
+        return cls(model_id=model_id, content_hash=content_hash, dim=dim, vector=data)
+
+    def as_array(self) -> npt.NDArray[np.float32]:
+        """The vector, shape (dim,)."""
+        return bytes_to_vector(self.vector, self.dim)

@@ -1,0 +1,219 @@
+"""The service's settings: one pydantic-settings class, read from ``CONVIRT_*`` variables.
+
+Nothing is read at import: the caller builds ``Settings()`` (from the environment) or
+``Settings(data_dir=..., ...)`` (tests) and hands it to ``create_app(settings)`` or a
+command. Keyword arguments win over the environment.
+
+Paths. ``data_dir`` defaults to ``./data``, relative to the working directory of the
+process that builds the settings (it is made absolute then, so a later ``chdir`` does not
+move it). A per-user location such as ``~/.local/share/convirt`` was the alternative; the
+working directory won because a checkout, a container volume mounted at the working
+directory and a test's temporary directory all behave the same. Everything the service
+writes lives below it unless configured otherwise:
+
+- ``database_url``: ``sqlite:///{data_dir}/convirt.db`` (the embedded default);
+  ``CONVIRT_DATABASE_URL=postgresql+psycopg://user:pass@host/db`` switches to PostgreSQL
+  (``postgresql://`` and ``postgres://`` are read as psycopg 3 URLs).
+- ``bundle_dir``: ``{data_dir}/bundle``, the encoder bundle to load.
+- ``index_dir``: ``{data_dir}/index``, the saved vector index.
+- de-identified images and thumbnails: under ``data_dir`` (paths in the database are
+  relative to it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from app.errors import AppError
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+#: Shortest API key accepted: shorter keys are guessable.
+MIN_API_KEY_CHARS = 16
+
+_MIB = 1024 * 1024
+
+
+class InsecureExposureError(AppError):
+    """The service would listen beyond loopback with no API keys and no explicit consent."""
+
+    code = "insecure_exposure"
+
+
+class Settings(BaseSettings):
+    """Configuration of the service and the ``convirt`` commands.
+
+    Every field can be set by ``CONVIRT_<FIELD>`` (``CONVIRT_API_KEYS`` is comma-separated)
+    or by keyword. Derived defaults are filled in at construction, so after it every path
+    field is absolute and ``database_url`` is set.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="CONVIRT_",
+        case_sensitive=False,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(
+        default=Path("data"),
+        description="root of everything the service stores; relative paths are to the cwd",
+    )
+    database_url: str = Field(
+        default="",
+        repr=False,
+        description="SQLAlchemy URL; empty means SQLite at {data_dir}/convirt.db",
+    )
+    bundle_dir: Path = Field(
+        default=Path("data/bundle"), description="encoder bundle; unset: {data_dir}/bundle"
+    )
+    index_dir: Path = Field(
+        default=Path("data/index"), description="vector index; unset: {data_dir}/index"
+    )
+    index_factory: str = Field(default="Flat", description="FAISS index factory string")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="accepted API keys (env: comma-separated); empty means no key checks",
+    )
+    allow_anonymous: bool = Field(
+        default=False,
+        description="consent to serve without API keys on a non-loopback address",
+    )
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_upload_bytes: int = Field(default=50 * _MIB, gt=0, description="per request body")
+    max_image_pixels: int = Field(
+        default=8192 * 8192, gt=0, description="width × height above which a decode is refused"
+    )
+    max_query_chars: int = Field(default=1000, gt=0, description="longest text query")
+    k_max: int = Field(default=1000, ge=1, description="most hits one search may ask for")
+    encode_concurrency: int = Field(
+        default=2, ge=1, le=64, description="model inferences running at the same time"
+    )
+    store_originals: bool = Field(
+        default=False,
+        description="also keep the uploaded file (a DICOM may carry patient identifiers)",
+    )
+    thumbnail_size: int = Field(default=256, ge=16, le=2048, description="longest side, px")
+    log_level: LogLevel = "INFO"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_defaults(cls, data: Any) -> Any:
+        # Runs on the merged keyword + environment values (defaults are not in them yet), so
+        # a CONVIRT_DATA_DIR moves the database, bundle and index with it unless those are
+        # set themselves; an empty value counts as unset.
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        raw_dir = data.get("data_dir") or Path("data")
+        data_dir = Path(raw_dir).expanduser().absolute()
+        data["data_dir"] = data_dir
+        if not data.get("database_url"):
+            data["database_url"] = f"sqlite:///{data_dir / 'convirt.db'}"
+        for name, sub in (("bundle_dir", "bundle"), ("index_dir", "index")):
+            value = data.get(name)
+            data[name] = value if value else data_dir / sub
+        return data
+
+    @field_validator("data_dir", "bundle_dir", "index_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(
+                "not a database URL; expected sqlite:///PATH or "
+                "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB"
+            ) from exc
+        backend, _, driver = url.drivername.partition("+")
+        if backend == "postgres":
+            backend = "postgresql"
+        if backend == "postgresql":
+            if driver not in ("", "psycopg"):
+                raise ValueError(
+                    f"PostgreSQL driver {driver!r} is not installed; use postgresql+psycopg://"
+                )
+            url = url.set(drivername="postgresql+psycopg")
+            if not url.database:
+                raise ValueError("the PostgreSQL URL names no database")
+        elif backend == "sqlite":
+            if driver not in ("", "pysqlite"):
+                raise ValueError(f"SQLite driver {driver!r} is not supported; use sqlite:///")
+        else:
+            raise ValueError(f"database {backend!r} is not supported: use SQLite or PostgreSQL")
+        return url.render_as_string(hide_password=False)
+
+    @field_validator("index_factory")
+    @classmethod
+    def _check_factory(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("the index factory string is empty (e.g. 'Flat', 'HNSW32')")
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_api_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: list[str]) -> list[str]:
+        for position, key in enumerate(value, start=1):
+            # Keys are not echoed: the error message may end up in a log.
+            if len(key) < MIN_API_KEY_CHARS:
+                raise ValueError(
+                    f"API key #{position} is shorter than {MIN_API_KEY_CHARS} characters"
+                )
+            if any(ch.isspace() for ch in key) or "," in key:
+                raise ValueError(f"API key #{position} contains whitespace or a comma")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether ``host`` only accepts connections from this machine."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def ensure_safe_exposure(self) -> None:
+        """Refuse to serve beyond loopback with neither API keys nor explicit consent.
+
+        Raises:
+            InsecureExposureError: ``host`` is not loopback, ``api_keys`` is empty and
+                ``allow_anonymous`` is false.
+        """
+        if self.is_loopback or self.api_keys or self.allow_anonymous:
+            return
+        raise InsecureExposureError(
+            f"refusing to listen on {self.host} without API keys: set CONVIRT_API_KEYS, "
+            "or CONVIRT_ALLOW_ANONYMOUS=true if anonymous access is intended"
+        )

@@ -1,0 +1,185 @@
+"""Database fixtures of the app tests: a SQLite file per test and a throwaway PostgreSQL.
+
+PostgreSQL: one cluster per test session, made with the server's own ``initdb`` and
+``pg_ctl`` (Debian's ``postgresql`` package: /usr/lib/postgresql/<version>/bin) in a
+temporary directory, listening on a free loopback port with trust authentication, and
+removed at the end. Each test that asks for ``postgres_url`` gets a fresh database in it.
+The server refuses to run as root, so when the tests run as root it runs as the
+``postgres`` user. Without initdb the PostgreSQL tests are skipped, except on CI
+(``CI=true``), where a missing server is a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+PG_USER = "postgres"
+START_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """A running throwaway cluster."""
+
+    port: int
+    base_dir: Path
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://{PG_USER}@127.0.0.1:{self.port}/{database}"
+
+    def admin_connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        return psycopg.connect(
+            host="127.0.0.1", port=self.port, user=PG_USER, dbname="postgres", autocommit=True
+        )
+
+
+def _find_pg_bin() -> Path | None:
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
+    if candidates:
+        return Path(candidates[-1]).parent
+    on_path = shutil.which("initdb")
+    return Path(on_path).parent if on_path else None
+
+
+def _as_server_user(argv: list[str]) -> list[str]:
+    if os.geteuid() == 0:
+        return ["runuser", "-u", PG_USER, "--", *argv]
+    return argv
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _run(argv: list[str], what: str) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed ({done.returncode}): {done.stderr or done.stdout}")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    bin_dir = _find_pg_bin()
+    if bin_dir is None:
+        reason = (
+            "PostgreSQL server binaries (initdb, pg_ctl) not found under "
+            "/usr/lib/postgresql/*/bin or on PATH; install them with "
+            "`apt-get install -y postgresql`"
+        )
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+    base = Path(tempfile.mkdtemp(prefix="convirt-pg-"))
+    data = base / "data"
+    log = base / "server.log"
+    if os.geteuid() == 0:
+        shutil.chown(base, user=PG_USER)
+    try:
+        _run(
+            _as_server_user(
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    PG_USER,
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ]
+            ),
+            "initdb",
+        )
+        port = 0
+        for attempt in range(1, START_ATTEMPTS + 1):
+            # The port is free when asked but could be taken before the server binds it.
+            port = _free_port()
+            options = (
+                f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={base} "
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            )
+            start = _as_server_user(
+                [
+                    str(bin_dir / "pg_ctl"),
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(log),
+                    "-o",
+                    options,
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ]
+            )
+            done = subprocess.run(start, capture_output=True, text=True, timeout=90, check=False)
+            if done.returncode == 0:
+                break
+            if attempt == START_ATTEMPTS:
+                server_log = log.read_text(errors="replace") if log.exists() else ""
+                raise RuntimeError(f"pg_ctl start failed: {done.stderr}\n{server_log}")
+        server = PostgresServer(port=port, base_dir=base)
+        try:
+            yield server
+        finally:
+            _run(
+                _as_server_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
+                "pg_ctl stop",
+            )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database in the session's cluster, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with postgres_server.admin_connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield postgres_server.url(name)
+    with postgres_server.admin_connect() as conn, contextlib.suppress(psycopg.Error):
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A SQLite file URL in the test's temporary directory (the file does not exist yet)."""
+    return f"sqlite:///{tmp_path / 'db' / 'convirt.db'}"
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
+)
+def database_url(request: pytest.FixtureRequest) -> str:
+    """An empty database on each backend the service supports."""
+    if request.param == "sqlite":
+        url: str = request.getfixturevalue("sqlite_url")
+    else:
+        url = request.getfixturevalue("postgres_url")
+    return url

@@ -1,0 +1,227 @@
+"""Alembic migrations against real SQLite and PostgreSQL databases."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from app.commands import db as db_command
+from app.db import (
+    DEFAULT_MIGRATIONS_DIR,
+    MigrationsNotFoundError,
+    create_engine_for_url,
+    current_revision,
+    downgrade_database,
+    head_revision,
+    upgrade_database,
+)
+from app.models import Base
+
+APP_TABLES = {"images", "models", "embeddings", "evaluation_runs", "embedding_cache"}
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tables(url: str) -> set[str]:
+    engine = create_engine_for_url(url, pooled=False)
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def _diff(url: str, metadata: sa.MetaData) -> list[object]:
+    engine = create_engine_for_url(url, pooled=False)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            return list(compare_metadata(context, metadata))
+    finally:
+        engine.dispose()
+
+
+def test_head_is_the_initial_revision() -> None:
+    assert head_revision() == "0001"
+
+
+def test_upgrade_downgrade_upgrade(database_url: str) -> None:
+    assert current_revision(database_url) is None
+
+    upgrade_database(database_url)
+    assert current_revision(database_url) == "0001"
+    assert _tables(database_url) >= APP_TABLES
+
+    downgrade_database(database_url, "base")
+    assert current_revision(database_url) is None
+    assert _tables(database_url) & APP_TABLES == set()
+
+    upgrade_database(database_url)
+    assert current_revision(database_url) == "0001"
+    assert _tables(database_url) >= APP_TABLES
+
+
+def test_autogenerate_finds_no_difference(database_url: str) -> None:
+    upgrade_database(database_url)
+    assert _diff(database_url, Base.metadata) == []
+
+
+def test_autogenerate_sees_drift_in_the_database(database_url: str) -> None:
+    # The control for the test above: the comparison does look at indexes and types.
+    upgrade_database(database_url)
+    engine = create_engine_for_url(database_url, pooled=False)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP INDEX ix_images_study_ref"))
+    engine.dispose()
+    diff = _diff(database_url, Base.metadata)
+    assert any(d[0] == "add_index" and d[1].name == "ix_images_study_ref" for d in diff)  # type: ignore[index]
+
+    changed = sa.MetaData(naming_convention=Base.metadata.naming_convention)
+    for table in Base.metadata.tables.values():
+        table.to_metadata(changed)
+    changed.tables["images"].c.source_format.type = sa.String(40)
+    type_diffs = [d for d in _diff(database_url, changed) if isinstance(d, list)]
+    assert any(change[0][0] == "modify_type" for change in type_diffs)
+
+
+def test_schema_holds_no_patient_identifier_columns(sqlite_url: str) -> None:
+    upgrade_database(sqlite_url)
+    engine = create_engine_for_url(sqlite_url, pooled=False)
+    inspector = sa.inspect(engine)
+    columns = {
+        f"{table}.{column['name']}"
+        for table in APP_TABLES
+        for column in inspector.get_columns(table)
+    }
+    engine.dispose()
+    forbidden = ("patient", "birth", "dob", "accession", "mrn", "sex", "physician", "address")
+    assert not [c for c in columns if any(word in c.lower() for word in forbidden)]
+    assert "images.content_hash" in columns
+
+
+def test_cascade_and_check_constraints_exist_after_migration(database_url: str) -> None:
+    upgrade_database(database_url)
+    engine = create_engine_for_url(database_url, pooled=False)
+    inspector = sa.inspect(engine)
+    fks = {fk["name"]: fk for fk in inspector.get_foreign_keys("embeddings")}
+    checks = {ck["name"] for ck in inspector.get_check_constraints("embeddings")}
+    engine.dispose()
+    assert fks["fk_embeddings_image_id_images"]["options"].get("ondelete") == "CASCADE"
+    assert fks["fk_embeddings_model_id_models"]["referred_table"] == "models"
+    assert "ck_embeddings_vector_length" in checks
+
+
+@pytest.mark.postgres
+def test_concurrent_upgrades_take_turns(postgres_url: str) -> None:
+    # Several replicas starting at once each run `upgrade head`; separate processes,
+    # because Alembic's migration context is process-global.
+    code = "import sys; from app.db import upgrade_database; upgrade_database(sys.argv[1])"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, postgres_url],
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    results = [(proc.wait(timeout=120), proc.communicate()[1]) for proc in procs]
+    assert [rc for rc, _ in results] == [0, 0, 0], [err for _, err in results]
+    assert current_revision(postgres_url) == "0001"
+    assert _diff(postgres_url, Base.metadata) == []
+
+
+def test_missing_migrations_folder_is_a_typed_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sqlite_url: str
+) -> None:
+    monkeypatch.setattr("app.db.DEFAULT_MIGRATIONS_DIR", tmp_path / "nowhere")
+    with pytest.raises(MigrationsNotFoundError) as caught:
+        upgrade_database(sqlite_url)
+    assert caught.value.code == "migrations_not_found"
+    assert "pip install -e ." in str(caught.value)
+
+
+def test_current_revision_does_not_create_a_sqlite_file(tmp_path: Path) -> None:
+    target = tmp_path / "absent" / "convirt.db"
+    assert current_revision(f"sqlite:///{target}") is None
+    assert not target.parent.exists()
+
+
+def _db_cli() -> Callable[[list[str]], int]:
+    parser = argparse.ArgumentParser(prog="convirt")
+    db_command.register(parser.add_subparsers(dest="command", required=True))
+
+    def run(argv: list[str]) -> int:
+        args = parser.parse_args(argv)
+        result: int = args.func(args)
+        return result
+
+    return run
+
+
+def test_db_command_upgrade_current_downgrade(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _db_cli()
+    assert run(["db", "current", "--database-url", sqlite_url]) == 0
+    assert capsys.readouterr().out.strip() == "none (not migrated)"
+    assert run(["db", "current", "--check", "--database-url", sqlite_url]) == 1
+    capsys.readouterr()
+
+    assert run(["db", "upgrade", "--database-url", sqlite_url]) == 0
+    assert run(["db", "current", "--check", "--database-url", sqlite_url]) == 0
+    assert capsys.readouterr().out.strip() == "0001 (head)"
+    assert _tables(sqlite_url) >= APP_TABLES
+
+    assert run(["db", "downgrade", "base", "--database-url", sqlite_url]) == 0
+    assert current_revision(sqlite_url) is None
+
+
+def test_db_command_reads_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CONVIRT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("CONVIRT_DATABASE_URL", raising=False)
+    run = _db_cli()
+    assert run(["db", "upgrade"]) == 0
+    assert (tmp_path / "data" / "convirt.db").is_file()
+    assert run(["db", "current"]) == 0
+    assert capsys.readouterr().out.strip() == "0001 (head)"
+
+
+def test_db_command_reports_an_unreachable_database(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    run = _db_cli()
+    # Port 1 on loopback: nothing listens there, so the connection is refused at once.
+    url = "postgresql+psycopg://nobody:secret@127.0.0.1:1/none"
+    assert run(["db", "upgrade", "--database-url", url]) == 1
+    assert "db upgrade failed" in caplog.text
+    assert "secret" not in caplog.text
+
+
+def test_alembic_command_line_uses_the_ini_file(tmp_path: Path) -> None:
+    # `alembic -c migrations/alembic.ini ...` is how new revisions get written by hand.
+    env = {**os.environ, "CONVIRT_DATA_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    env.pop("CONVIRT_DATABASE_URL", None)
+    ini = DEFAULT_MIGRATIONS_DIR / "alembic.ini"
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(ini), "upgrade", "head"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert current_revision(f"sqlite:///{tmp_path / 'convirt.db'}") == "0001"
+    assert "Running upgrade" in done.stderr
