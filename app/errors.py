@@ -12,17 +12,20 @@ How exceptions become problems (:func:`install_problem_handlers`):
   The decision on image errors:
 
   * **415** when the *kind* of upload is not one the service reads at all:
-    ``not_an_image``, ``unsupported``, ``unsupported_format``.
+    ``not_an_image`` (empty, or neither DICOM, PNG nor JPEG).
   * **422** when the upload is of a supported kind but its content cannot be used:
     ``corrupt_image``, ``no_pixel_data``, ``multi_frame``, ``color_dicom``,
-    ``unsupported_transfer_syntax``, ``empty_image``.
+    ``unsupported_transfer_syntax``. A DICOM in a transfer syntax no decoder handles is
+    still a DICOM, the media type the client declared is right: 422, not 415.
   * **422** for ``image_too_large``: the pixel count exceeds the limit. 413 is kept for
     request bodies over the upload byte limit (``payload_too_large``); a small compressed
     file that decodes to a huge image is a property of its content, not of the request size.
 
-  A ModelError whose code is not in the table is treated as a problem with the input (422)
-  unless ``install_problem_handlers(status_by_code=...)`` says otherwise: ModelErrors are
-  raised on purpose with a message written for people, so the message is shown.
+  Errors of the service's own bundle, weights or configuration (``bundle_*``,
+  ``checkpoint_invalid``, ``invalid_config``, ``weights_unavailable``) are 500s with the
+  message hidden. A ModelError whose code is not in the table is treated as a problem with
+  the input (422) unless ``install_problem_handlers(status_by_code=...)`` says otherwise:
+  ModelErrors are raised on purpose with a message written for people, so it is shown.
 - Errors of the ``index`` package are recognised by duck typing (an exception defined
   under ``index`` with a string ``code``, i.e. ``index.errors.VectorIndexError``, without
   importing it) and mapped by :data:`INDEX_ERROR_STATUS`, defaulting to 500: during a
@@ -38,6 +41,7 @@ How exceptions become problems (:func:`install_problem_handlers`):
 from __future__ import annotations
 
 import http
+import json
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -61,18 +65,25 @@ PROBLEM_TYPE_PREFIX = "urn:convirt:problem:"
 
 #: ModelError code → HTTP status (see the module docstring for the 415/422/413 decision).
 MODEL_ERROR_STATUS: Mapping[str, int] = {
+    # model.decode: what the client uploaded.
     "not_an_image": 415,
-    "unsupported": 415,
-    "unsupported_format": 415,
+    "image_decode_error": 422,
     "corrupt_image": 422,
     "no_pixel_data": 422,
     "multi_frame": 422,
     "color_dicom": 422,
     "unsupported_transfer_syntax": 422,
-    "empty_image": 422,
     "image_too_large": 422,
-    "empty_text": 422,
-    "text_too_long": 422,
+    # Text and files the client supplied.
+    "invalid_report": 422,
+    "invalid_manifest": 422,
+    # The service's own bundle, weights and configuration: not the client's fault.
+    "bundle_error": 500,
+    "bundle_invalid": 500,
+    "bundle_corrupt": 500,
+    "checkpoint_invalid": 500,
+    "invalid_config": 500,
+    "weights_unavailable": 500,
 }
 
 #: Index error code → HTTP status (codes of ``index.errors``). Only a bad ``k`` or search
@@ -202,15 +213,55 @@ def problem_response(problem: Problem, headers: Mapping[str, str] | None = None)
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` entries documenting problem bodies for ``statuses``."""
+    """OpenAPI ``responses=`` entries documenting problem bodies for ``statuses``.
+
+    The app's OpenAPI document (see :func:`install_problem_handlers`) declares the
+    ``Problem`` schema and describes every 4xx/5xx response as ``application/problem+json``.
+    """
     return {
         status: {
-            "model": Problem,
             "description": _status_phrase(status),
-            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": _PROBLEM_REF}}},
         }
         for status in statuses
     }
+
+
+_PROBLEM_REF = "#/components/schemas/Problem"
+
+
+def _describe_problems(schema: dict[str, Any]) -> None:
+    """Rewrite an OpenAPI document in place: every error response is a Problem."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, definition in problem.pop("$defs", {}).items():
+        components[name] = definition
+    components["Problem"] = problem
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            if not isinstance(operation, dict):
+                continue
+            for status, response in operation.get("responses", {}).items():
+                if str(status)[:1] in ("4", "5"):
+                    response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": _PROBLEM_REF}}}
+    # FastAPI's own validation error schemas now describe nothing the service sends.
+    paths = json.dumps(schema.get("paths", {}))
+    for name in ("HTTPValidationError", "ValidationError"):
+        if json.dumps(f"#/components/schemas/{name}") not in paths:
+            components.pop(name, None)
+
+
+def _install_problem_openapi(app: FastAPI) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            _describe_problems(schema)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _instance(request: Request) -> str:
@@ -406,6 +457,9 @@ def install_problem_handlers(
 ) -> None:
     """Make every error response of ``app`` an ``application/problem+json`` problem.
 
+    The OpenAPI document follows: its 4xx/5xx responses (FastAPI's automatic 422
+    included) are described as ``application/problem+json`` bodies of the ``Problem`` schema.
+
     ``status_by_code`` overrides the HTTP status of ModelError and index error codes
     (e.g. ``{"bundle_mismatch": 500}``). Call it before the app starts serving.
     """
@@ -417,3 +471,4 @@ def install_problem_handlers(
     # Reached only by exceptions raised in middleware outside the catch-all below.
     app.add_exception_handler(Exception, handlers.server_error)
     app.add_middleware(_CatchAllMiddleware, handlers=handlers)
+    _install_problem_openapi(app)

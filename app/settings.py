@@ -60,6 +60,8 @@ class Settings(BaseSettings):
         case_sensitive=False,
         extra="forbid",
         validate_default=True,
+        # Validation errors end up in logs: never echo a key or a database password.
+        hide_input_in_errors=True,
     )
 
     data_dir: Path = Field(
