@@ -1,0 +1,587 @@
+"""Dataset adapters on small trees in each source's real layout, the patient split, the Dataset."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import logging
+import pickle
+import random
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from model.datasets import (
+    BatchError,
+    PairedBatch,
+    PairedDataset,
+    PairedSample,
+    PatientLeakError,
+    chexpert_records,
+    collate_paired,
+    iu_mesh_labels,
+    iu_xray_records,
+    manifest_records,
+    mimic_cxr_records,
+    split_by_patient,
+)
+from model.decode import ImageDecodeError
+from model.errors import ModelError
+from model.labels import CHEXPERT_LABELS
+from model.manifest import ManifestError, PairedRecord, write_manifest
+from model.reports import SentenceSampler, split_sentences
+from model.transforms import EvalTransform
+
+
+def _image(path: Path, value: int = 128, size: tuple[int, int] = (24, 20)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full(size[::-1], value, np.uint8)
+    pixels[: size[1] // 2] = 255 - value  # a little structure, so decoding is checkable
+    Image.fromarray(pixels, mode="L").save(path)
+    return path
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+# --------------------------------------------------------------------------- MIMIC-CXR
+
+# The column orders of the real MIMIC-CXR-JPG 2.0.0 tables.
+MIMIC_METADATA_HEADER = [
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
+]
+MIMIC_CHEXPERT_HEADER = ["subject_id", "study_id", *sorted(CHEXPERT_LABELS)]
+
+# (dicom_id, subject, study, view, on disk)
+MIMIC_IMAGES = [
+    ("02aa804e-bde0afdd-112c0b34-7bc16630-4e384014", "10000032", "50414267", "PA", True),
+    ("174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962", "10000032", "50414267", "LATERAL", True),
+    ("2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab", "10000032", "53189527", "AP", True),
+    ("68b5c4b1-227d0485-9cc38c3f-7b84ab51-4b472714", "10000764", "57375967", "AP", True),
+    ("096052b7-d256dc40-453a102b-fa7d01c6-1b22c6b4", "10000898", "50771383", "PA", False),
+    ("8959e402-2175d68d-edba5a6c-520f0cb1-bf2d9a72", "10001122", "51300001", "PA", True),
+]
+MIMIC_REPORT = """\
+                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+
+ INDICATION:  ___F with new onset ascites  // eval for infection
+
+ FINDINGS:
+
+ There is no focal consolidation, pleural effusion or pneumothorax.  The
+ cardiomediastinal silhouette is normal.
+
+ IMPRESSION:
+
+ No acute cardiopulmonary process.
+"""
+
+
+def _mimic_tree(root: Path, reports: Path, *, gz: bool = True) -> None:
+    suffix = ".csv.gz" if gz else ".csv"
+    metadata, splits = [], []
+    for dicom_id, subject, study, view, on_disk in MIMIC_IMAGES:
+        metadata.append([dicom_id, subject, study, "CHEST (PA AND LAT)", view, "3056", "2544"])
+        metadata[-1] += [
+            "21800506",
+            "213014.531",
+            "CHEST (PA AND LAT)",
+            "postero-anterior",
+            "Erect",
+        ]
+        splits.append([dicom_id, study, subject, "test" if subject == "10000764" else "train"])
+        if on_disk:
+            _image(
+                root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom_id}.jpg"
+            )
+    _write_csv(root / f"mimic-cxr-2.0.0-metadata{suffix}", MIMIC_METADATA_HEADER, metadata)
+    _write_csv(
+        root / f"mimic-cxr-2.0.0-split{suffix}",
+        ["dicom_id", "study_id", "subject_id", "split"],
+        splits,
+    )
+    values = {"Cardiomegaly": "1.0", "Edema": "-1.0", "No Finding": "", "Pleural Effusion": "0.0"}
+    chexpert = [
+        ["10000032", "50414267", *[values.get(name, "") for name in sorted(CHEXPERT_LABELS)]],
+        ["10000764", "57375967", *["" for _ in CHEXPERT_LABELS]],
+    ]
+    _write_csv(root / f"mimic-cxr-2.0.0-chexpert{suffix}", MIMIC_CHEXPERT_HEADER, chexpert)
+    # Study 53189527 has no report: it must be skipped, not fail.
+    for subject, study in (
+        ("10000032", "50414267"),
+        ("10000764", "57375967"),
+        ("10001122", "51300001"),
+    ):
+        path = reports / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(MIMIC_REPORT.replace("___F", f"___F ({study})"), encoding="utf-8")
+
+
+def test_mimic_frontal_records_with_reports_labels_and_splits(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root, reports = tmp_path / "mimic-cxr-jpg" / "2.0.0", tmp_path / "mimic-cxr" / "2.0.0"
+    _mimic_tree(root, reports)
+    with caplog.at_level(logging.WARNING, logger="model.datasets"):
+        records = mimic_cxr_records(root, reports)
+
+    assert [r.image_path.stem for r in records] == [
+        MIMIC_IMAGES[0][0],
+        MIMIC_IMAGES[3][0],
+        MIMIC_IMAGES[5][0],
+    ]
+    first = records[0]
+    assert first.image_path == (
+        root / "files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg"
+    )
+    assert (first.patient_id, first.study_id, first.view_position) == ("10000032", "50414267", "PA")
+    assert first.split == "train"
+    assert records[1].split == "test"
+    assert "(50414267)" in first.report
+    assert first.report.startswith(" " * 10)  # the report file as written, headers and all
+    assert first.labels["Cardiomegaly"] == 1.0
+    assert first.labels["Edema"] == -1.0
+    assert first.labels["Pleural Effusion"] == 0.0
+    assert first.labels["No Finding"] is None
+    assert set(first.labels) == set(CHEXPERT_LABELS)
+    assert all(v is None for v in records[1].labels.values())
+    assert records[2].labels == {}  # a study absent from the CheXpert table
+    assert "1 studies skipped: no report file" in caplog.text
+    assert "1 images skipped: image not on disk" in caplog.text
+
+
+def test_mimic_all_views_plain_csv_and_reports_beside_images(tmp_path: Path) -> None:
+    _mimic_tree(tmp_path, tmp_path, gz=False)
+    records = mimic_cxr_records(tmp_path, frontal_only=False)
+    assert [r.view_position for r in records] == ["PA", "LATERAL", "AP", "PA"]
+    # Both views of one study share its report.
+    assert records[0].report == records[1].report
+
+
+def test_mimic_without_the_optional_tables(tmp_path: Path) -> None:
+    _mimic_tree(tmp_path, tmp_path)
+    (tmp_path / "mimic-cxr-2.0.0-split.csv.gz").unlink()
+    (tmp_path / "mimic-cxr-2.0.0-chexpert.csv.gz").unlink()
+    records = mimic_cxr_records(tmp_path)
+    assert len(records) == 3
+    assert all(r.split is None and r.labels == {} for r in records)
+
+
+def test_mimic_errors(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match=r"mimic-cxr-2\.0\.0-metadata\.csv"):
+        mimic_cxr_records(tmp_path)
+    _write_csv(tmp_path / "mimic-cxr-2.0.0-metadata.csv", ["dicom_id", "subject_id"], [["a", "1"]])
+    with pytest.raises(ManifestError, match=r"line 1: missing column\(s\) study_id, ViewPosition"):
+        mimic_cxr_records(tmp_path)
+
+    _mimic_tree(tmp_path / "bad", tmp_path / "bad")
+    rows = [[d, st, su, "training"] for d, su, st, *_ in MIMIC_IMAGES]
+    _write_csv(
+        tmp_path / "bad" / "mimic-cxr-2.0.0-split.csv.gz",
+        ["dicom_id", "study_id", "subject_id", "split"],
+        rows,
+    )
+    with pytest.raises(ManifestError, match=r"split\.csv\.gz: line 2: split must be one of"):
+        mimic_cxr_records(tmp_path / "bad")
+
+
+# --------------------------------------------------------------------------- IU X-ray
+
+
+@pytest.fixture(scope="module")
+def iu_tree(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five real reports and tiny images named after their parentImage ids."""
+    root = tmp_path_factory.mktemp("iu")
+    archive = shared_dir / "data" / "iu-xray-reports" / "NLMCXR_reports.tgz"
+    with tarfile.open(archive) as tar:
+        for number in (1, 16, 227, 369, 1000):
+            member = tar.getmember(f"ecgen-radiology/{number}.xml")
+            (root / "ecgen-radiology").mkdir(exist_ok=True)
+            (root / "ecgen-radiology" / f"{number}.xml").write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+    images = root / "images"
+    _image(images / "CXR1_1_IM-0001-3001.png")
+    _image(images / "CXR1_1_IM-0001-4001.png")
+    _image(images / "CXR16_IM-0389-1001.png")  # its report has neither findings nor impression
+    _image(images / "CXR227_IM-0859-1001.png")
+    _image(images / "nested" / "CXR227_IM-0859-4004.dcm.png")  # a re-distribution's naming
+    # CXR227_IM-0859-12012 is not on disk; 369.xml names no image at all.
+    for name in ("CXR1000_IM-0003-1001", "CXR1000_IM-0003-2001", "CXR1000_IM-0003-3001"):
+        _image(images / f"{name}.png")
+    (images / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_iu_records_one_per_image_on_disk(iu_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="model.datasets"):
+        records = iu_xray_records(iu_tree)
+    assert [r.image_path.name for r in records] == [
+        "CXR1_1_IM-0001-3001.png",
+        "CXR1_1_IM-0001-4001.png",
+        "CXR227_IM-0859-1001.png",
+        "CXR227_IM-0859-4004.dcm.png",
+        "CXR1000_IM-0003-1001.png",
+        "CXR1000_IM-0003-2001.png",
+        "CXR1000_IM-0003-3001.png",
+    ]
+    assert [r.patient_id for r in records] == ["CXR1"] * 2 + ["CXR227"] * 2 + ["CXR1000"] * 3
+    assert all(r.study_id == r.patient_id and r.split is None for r in records)
+    assert records[0].labels == {"No Finding": 1.0}
+    assert records[2].labels == {
+        "Cardiomegaly": 1.0,
+        "Lung Opacity": 1.0,
+        "Edema": 1.0,
+        "Pleural Effusion": 1.0,
+    }
+    assert records[0].report.startswith(
+        "INDICATION: Positive TB test\nCOMPARISON: None.\nFINDINGS: "
+    )
+    assert "1 images skipped: report without findings or impression" in caplog.text
+    assert "1 images skipped: image not on disk" in caplog.text
+
+
+def test_iu_records_round_trip_through_a_manifest(iu_tree: Path, tmp_path: Path) -> None:
+    records = iu_xray_records(iu_tree)
+    assert manifest_records(write_manifest(records, tmp_path / "iu.jsonl")) == records
+
+
+def test_iu_layout_errors(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="ecgen-radiology"):
+        iu_xray_records(tmp_path)
+    (tmp_path / "ecgen-radiology").mkdir()
+    with pytest.raises(ManifestError, match="images"):
+        iu_xray_records(tmp_path)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "ecgen-radiology" / "7.xml").write_text("<eCitation><uId id='CXR7'/>")
+    with pytest.raises(ManifestError, match=r"7\.xml: not well-formed"):
+        iu_xray_records(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("mesh", "labels"),
+    [
+        (["normal"], {"No Finding": 1.0}),
+        (
+            ["Cardiomegaly/mild", "Pleural Effusion/bilateral/small"],
+            {"Cardiomegaly": 1.0, "Pleural Effusion": 1.0},
+        ),
+        (["Fractures, Bone/ribs/left/healed"], {"Fracture": 1.0}),
+        (
+            ["Pulmonary Atelectasis/base/left", "Pulmonary Edema/interstitial"],
+            {"Atelectasis": 1.0, "Edema": 1.0},
+        ),
+        (["Opacity/lung/base/left", "Opacity/ribs"], {"Lung Opacity": 1.0}),
+        (
+            ["Catheters, Indwelling/right", "Nodule/lung/upper lobe"],
+            {"Support Devices": 1.0, "Lung Lesion": 1.0},
+        ),
+        (
+            ["Pneumothorax/apex/right", "Pneumonia/lower lobe/right"],
+            {"Pneumothorax": 1.0, "Pneumonia": 1.0},
+        ),
+        (["Calcified Granuloma/lung", "No Indexing", "Thoracic Vertebrae/degenerative"], {}),
+    ],
+)
+def test_iu_mesh_labels(mesh: list[str], labels: dict[str, float]) -> None:
+    assert iu_mesh_labels(mesh) == labels
+    assert set(labels) <= set(CHEXPERT_LABELS)
+
+
+# --------------------------------------------------------------------------- CheXpert
+
+CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS]
+
+
+def test_chexpert_records_from_the_real_8x200_candidate_table(
+    shared_dir: Path, tmp_path: Path
+) -> None:
+    source = shared_dir / "protocols" / "chexpert-8x200" / "image-retrieval" / "candidate.csv"
+    (tmp_path / "CheXpert-v1.0-small").mkdir()
+    shutil.copy(source, tmp_path / "CheXpert-v1.0-small" / "train.csv")
+    records = chexpert_records(tmp_path, check_images=False)
+
+    with source.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(records) == len(rows) == 1600
+    for record, row in zip(records, rows, strict=True):
+        assert record.image_path == tmp_path / row["Path"]
+        assert record.report == ""
+        assert record.split == "train"
+        assert record.view_position == row["AP/PA"]
+        assert record.patient_id == row["Path"].split("/")[2]
+        assert record.study_id == "/".join(row["Path"].split("/")[2:4])
+        for name in CHEXPERT_LABELS:
+            assert record.labels[name] == (float(row[name]) if row[name] else None)
+    # 8 categories × 200 candidates, each positive for its category.
+    positives = Counter(name for r in records for name, v in r.labels.items() if v == 1.0)
+    assert all(positives[name] >= 200 for name in ("Atelectasis", "Cardiomegaly", "Fracture"))
+
+
+def test_chexpert_uncertain_blank_lateral_and_missing_images(tmp_path: Path) -> None:
+    folder = tmp_path / "CheXpert-v1.0-small"
+    rows = []
+    for path, view, ap_pa, cardio in [
+        ("valid/patient64541/study1/view1_frontal.jpg", "Frontal", "AP", "-1.0"),
+        ("valid/patient64541/study1/view2_lateral.jpg", "Lateral", "", "1.0"),
+        ("valid/patient64542/study1/view1_frontal.jpg", "Frontal", "PA", ""),
+    ]:
+        rows.append([f"CheXpert-v1.0-small/{path}", "Male", "73", view, ap_pa])
+        rows[-1] += [cardio if name == "Cardiomegaly" else "0.0" for name in CHEXPERT_LABELS]
+    _write_csv(folder / "valid.csv", CHEXPERT_HEADER, rows)
+    _image(folder / "valid/patient64541/study1/view1_frontal.jpg")
+    _image(folder / "valid/patient64541/study1/view2_lateral.jpg")
+
+    records = chexpert_records(folder, "valid.csv")  # the CheXpert folder itself works too
+    assert [r.labels["Cardiomegaly"] for r in records] == [-1.0, 1.0]
+    assert [r.view_position for r in records] == ["AP", "LATERAL"]
+    assert {r.split for r in records} == {"validate"}
+    assert records[0].image_path == folder / "valid/patient64541/study1/view1_frontal.jpg"
+    assert len(chexpert_records(tmp_path, "valid.csv", frontal_only=True)) == 1
+    unchecked = chexpert_records(tmp_path, "valid.csv", check_images=False)
+    assert unchecked[2].labels["Cardiomegaly"] is None
+
+    with pytest.raises(ManifestError, match=r"no train\.csv"):
+        chexpert_records(tmp_path)
+    rows[0][0] = "CheXpert-v1.0-small/valid/view1_frontal.jpg"
+    _write_csv(folder / "valid.csv", CHEXPERT_HEADER, rows)
+    with pytest.raises(ManifestError, match="line 2: Path"):
+        chexpert_records(tmp_path, "valid.csv")
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _patients(n: int, per_patient: int = 3, split: str | None = None) -> list[PairedRecord]:
+    return [
+        PairedRecord(Path(f"/data/p{p}_{i}.png"), "r", {}, f"p{p}", f"s{p}_{i}", split)
+        for p in range(n)
+        for i in range(per_patient)
+    ]
+
+
+def _patients_of(records: list[PairedRecord]) -> set[str]:
+    return {r.patient_id for r in records}
+
+
+def test_split_by_patient_keeps_patients_whole_in_the_requested_shares() -> None:
+    records = _patients(3000, per_patient=2)
+    random.Random(0).shuffle(records)
+    parts = split_by_patient(records, seed=0)
+    assert list(parts) == ["train", "validate", "test"]
+    assert sum(len(p) for p in parts.values()) == len(records)
+    seen = [_patients_of(p) for p in parts.values()]
+    assert not seen[0] & seen[1]
+    assert not seen[0] & seen[2]
+    assert not seen[1] & seen[2]
+    shares = {name: len(_patients_of(p)) / 3000 for name, p in parts.items()}
+    # Binomial noise for 3000 patients is about 0.5 to 0.7 percentage points.
+    assert shares["train"] == pytest.approx(0.8, abs=0.025)
+    assert shares["validate"] == pytest.approx(0.1, abs=0.02)
+    assert shares["test"] == pytest.approx(0.1, abs=0.02)
+    # Each list keeps the input order.
+    order = {id(r): i for i, r in enumerate(records)}
+    assert all([order[id(r)] for r in p] == sorted(order[id(r)] for r in p) for p in parts.values())
+
+
+def test_split_by_patient_is_seeded_and_stable_when_patients_are_added() -> None:
+    records = _patients(400)
+    first = split_by_patient(records, {"train": 0.7, "validate": 0.3}, seed=5)
+    assert first == split_by_patient(records, [("train", 0.7), ("validate", 0.3)], seed=5)
+    assert first != split_by_patient(records, {"train": 0.7, "validate": 0.3}, seed=6)
+
+    grown = split_by_patient(_patients(800), {"train": 0.7, "validate": 0.3}, seed=5)
+    for name in first:
+        assert _patients_of(first[name]) <= _patients_of(grown[name])
+
+
+def test_split_by_patient_honours_complete_explicit_splits() -> None:
+    records = [
+        *_patients(5, split="train"),
+        PairedRecord(Path("/v.png"), "r", {}, "pv", "sv", "validate"),
+        PairedRecord(Path("/t.png"), "r", {}, "pt", "st", "test"),
+    ]
+    parts = split_by_patient(records)
+    assert [len(parts[name]) for name in ("train", "validate", "test")] == [15, 1, 1]
+
+    # Two of the three splits requested: the records' own test split is kept beside them.
+    parts = split_by_patient(records, {"train": 0.9, "validate": 0.1})
+    assert _patients_of(parts["test"]) == {"pt"}
+
+
+def test_split_by_patient_refuses_a_patient_in_two_explicit_splits() -> None:
+    records = [
+        *_patients(3, split="train"),
+        PairedRecord(Path("/x.png"), "r", {}, "p1", "s9", "test"),
+        PairedRecord(Path("/v.png"), "r", {}, "pv", "sv", "validate"),
+    ]
+    with pytest.raises(PatientLeakError, match="'p1'") as info:
+        split_by_patient(records)
+    assert info.value.code == "patient_leak"
+    assert isinstance(info.value, ModelError)
+
+
+def test_split_by_patient_reassigns_incomplete_explicit_splits(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Every record says train (e.g. the test split was filtered out): a validation split
+    # is still wanted, so patients are split by hash.
+    records = _patients(200, split="train")
+    with caplog.at_level(logging.WARNING, logger="model.datasets"):
+        parts = split_by_patient(records, {"train": 0.8, "validate": 0.2})
+    assert parts["validate"]
+    assert "reassigning by patient" in caplog.text
+    # Some records without a split: the explicit ones are not trusted either.
+    mixed = [*_patients(50, split="test"), PairedRecord(Path("/n.png"), "r", {}, "pn", "sn")]
+    parts = split_by_patient(mixed, {"train": 0.5, "test": 0.5})
+    assert 0 < len(parts["train"]) < len(mixed)
+
+
+@pytest.mark.parametrize(
+    "fractions",
+    [{}, {"train": -0.1, "test": 1.1}, {"train": 0.0}, {"train": 0.8, "holdout": 0.2}],
+)
+def test_split_by_patient_rejects_bad_fractions(fractions: dict[str, float]) -> None:
+    with pytest.raises(ManifestError):
+        split_by_patient(_patients(3), fractions)
+
+
+def test_split_by_patient_needs_patient_ids() -> None:
+    records = [PairedRecord(Path("/a.png"), "r", {}, "", "s")]
+    with pytest.raises(ManifestError, match="patient_id"):
+        split_by_patient(records)
+
+
+def test_split_with_zero_share_and_no_records() -> None:
+    parts = split_by_patient(_patients(300), {"train": 0.9, "validate": 0.1, "test": 0.0})
+    assert parts["test"] == []
+    assert split_by_patient([]) == {"train": [], "validate": [], "test": []}
+
+
+# --------------------------------------------------------------------------- Dataset
+
+
+@pytest.fixture(scope="module")
+def kermany_records(shared_dir: Path) -> list[PairedRecord]:
+    """The 16 real pediatric radiographs, each with a two-sentence report."""
+    folder = shared_dir / "data" / "kermany-16"
+    with (folder / "labels.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    records = []
+    for row in rows:
+        pneumonia = row["label"] != "normal"
+        report = (
+            "FINDINGS: Patchy airspace opacity. Heart size normal.\nIMPRESSION: Pneumonia."
+            if pneumonia
+            else "FINDINGS: Lungs are clear. Heart size normal.\nIMPRESSION: Normal chest."
+        )
+        records.append(
+            PairedRecord(
+                image_path=folder / "images" / row["file"],
+                report=report,
+                labels={"Pneumonia": 1.0 if pneumonia else 0.0},
+                patient_id=row["file"].split("-")[1] if "-" in row["file"] else row["file"],
+                study_id=Path(row["file"]).stem,
+            )
+        )
+    return records
+
+
+def test_dataset_decodes_real_radiographs(kermany_records: list[PairedRecord]) -> None:
+    dataset = PairedDataset(kermany_records)
+    assert len(dataset) == 16
+    sample = dataset[0]
+    assert isinstance(sample, PairedSample)
+    expected = np.asarray(Image.open(kermany_records[0].image_path).convert("L"), np.float32)
+    assert sample.image.dtype == np.float32
+    assert sample.image.shape == expected.shape
+    assert sample.image.min() >= 0.0
+    assert sample.image.max() <= 1.0
+    # Decoding is a rescale of the stored pixels, nothing else: brightness order is kept.
+    assert np.corrcoef(sample.image.ravel(), expected.ravel())[0, 1] > 0.999
+    assert sample.report == kermany_records[0].report
+    assert sample.labels == kermany_records[0].labels
+    assert sample.patient_id == kermany_records[0].patient_id
+
+
+def test_dataset_applies_transform_and_text_sampler(kermany_records: list[PairedRecord]) -> None:
+    dataset = PairedDataset(
+        kermany_records, transform=EvalTransform(64), text_sampler=SentenceSampler(seed=0)
+    )
+    sample = dataset[3]
+    assert isinstance(sample.image, torch.Tensor)
+    assert tuple(sample.image.shape) == (3, 64, 64)
+    assert sample.report in split_sentences(
+        "Patchy airspace opacity. Heart size normal. Pneumonia. Lungs are clear. Normal chest."
+    )
+
+
+def test_dataset_in_a_dataloader_with_worker_processes(kermany_records: list[PairedRecord]) -> None:
+    dataset = PairedDataset(
+        kermany_records, transform=EvalTransform(32), text_sampler=SentenceSampler(seed=1)
+    )
+    assert pickle.loads(pickle.dumps(dataset)).records == dataset.records
+    loader = DataLoader(dataset, batch_size=5, num_workers=2, collate_fn=collate_paired)
+    batches = list(loader)
+    assert [b.images.shape[0] for b in batches] == [5, 5, 5, 1]
+    first = batches[0]
+    assert isinstance(first, PairedBatch)
+    assert tuple(first.images.shape) == (5, 3, 32, 32)
+    assert first.images.dtype == torch.float32
+    assert first.patient_ids == [r.patient_id for r in kermany_records[:5]]
+    assert first.labels == [r.labels for r in kermany_records[:5]]
+    assert all(text in kermany_records[i].report for i, text in enumerate(first.reports))
+
+
+def test_collate_refuses_mixed_shapes_and_empty_batches(
+    kermany_records: list[PairedRecord],
+) -> None:
+    dataset = PairedDataset(kermany_records)
+    shapes = {dataset[i].image.shape for i in range(len(dataset))}
+    assert len(shapes) > 1  # the real radiographs differ in size
+    with pytest.raises(BatchError, match="different shapes") as info:
+        collate_paired([dataset[i] for i in range(len(dataset))])
+    assert info.value.code == "invalid_batch"
+    with pytest.raises(BatchError, match="empty"):
+        collate_paired([])
+
+
+def test_dataset_errors_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "report.png").write_text("not a picture")
+    records = [
+        PairedRecord(tmp_path / "report.png", "r", {}, "p1", "s1"),
+        PairedRecord(tmp_path / "gone.png", "r", {}, "p2", "s2"),
+        PairedRecord(_image(tmp_path / "big.png", size=(64, 64)), "r", {}, "p3", "s3"),
+    ]
+    dataset = PairedDataset(records, max_pixels=1000)
+    with pytest.raises(ImageDecodeError) as info:
+        dataset[0]
+    assert any("report.png" in note for note in info.value.__notes__)
+    with pytest.raises(FileNotFoundError) as missing:
+        dataset[1]
+    assert any("gone.png" in note for note in missing.value.__notes__)
+    with pytest.raises(ImageDecodeError, match="more than the 1000"):
+        dataset[2]
