@@ -14,6 +14,13 @@ checkout installed with ``pip install -e .`` (what ``make`` and the Docker image
 plain wheel install would not carry it and fails with :class:`MigrationsNotFoundError`,
 unless ``script_location=`` is passed explicitly. Keeping ``migrations/`` at the top level
 keeps the layout every Alembic user knows (``alembic -c migrations/alembic.ini ...``).
+
+Alembic keeps its migration context in module globals: run the migration functions from
+one thread at a time (start-up, the ``convirt db`` command). Separate processes (the
+service and a ``convirt ingest`` starting together, several replicas) may run them
+concurrently: on PostgreSQL ``migrations/env.py`` serialises them with an advisory lock;
+for a SQLite file, whose DDL Alembic runs outside a transaction, an exclusive ``flock`` on
+``<database>.migrate.lock`` beside it does.
 """
 
 from __future__ import annotations
@@ -159,20 +166,43 @@ def alembic_config(url: str | URL, *, script_location: Path | None = None) -> Co
     return config
 
 
+@contextmanager
+def _migration_lock(url: URL) -> Iterator[None]:
+    if not _is_sqlite_file(url):
+        yield
+        return
+    import fcntl  # POSIX only, and only needed here
+
+    database = Path(url.database or "").expanduser()
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with (database.parent / f"{database.name}.migrate.lock").open("a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def upgrade_database(
     url: str | URL, revision: str = "head", *, script_location: Path | None = None
 ) -> None:
     """Migrate the database at ``url`` up to ``revision``."""
-    logger.info("upgrading %s to %s", make_url(url).render_as_string(), revision)
-    command.upgrade(alembic_config(url, script_location=script_location), revision)
+    parsed = make_url(url)
+    logger.info("upgrading %s to %s", parsed.render_as_string(), revision)
+    config = alembic_config(parsed, script_location=script_location)
+    with _migration_lock(parsed):
+        command.upgrade(config, revision)
 
 
 def downgrade_database(
     url: str | URL, revision: str, *, script_location: Path | None = None
 ) -> None:
     """Migrate the database at ``url`` down to ``revision`` (``base`` drops everything)."""
-    logger.info("downgrading %s to %s", make_url(url).render_as_string(), revision)
-    command.downgrade(alembic_config(url, script_location=script_location), revision)
+    parsed = make_url(url)
+    logger.info("downgrading %s to %s", parsed.render_as_string(), revision)
+    config = alembic_config(parsed, script_location=script_location)
+    with _migration_lock(parsed):
+        command.downgrade(config, revision)
 
 
 def current_revision(url: str | URL) -> str | None:

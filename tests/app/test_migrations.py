@@ -6,6 +6,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -118,25 +119,41 @@ def test_cascade_and_check_constraints_exist_after_migration(database_url: str) 
     assert "ck_embeddings_vector_length" in checks
 
 
-@pytest.mark.postgres
-def test_concurrent_upgrades_take_turns(postgres_url: str) -> None:
-    # Several replicas starting at once each run `upgrade head`; separate processes,
-    # because Alembic's migration context is process-global.
-    code = "import sys; from app.db import upgrade_database; upgrade_database(sys.argv[1])"
+_RACE_CHILD = """
+import sys, time
+from pathlib import Path
+from app.db import upgrade_database
+ready, go = Path(sys.argv[2]), Path(sys.argv[3])
+ready.touch()
+while not go.exists():
+    time.sleep(0.005)
+upgrade_database(sys.argv[1])
+"""
+
+
+def test_concurrent_upgrades_take_turns(database_url: str, tmp_path: Path) -> None:
+    # Several replicas starting at once each run `upgrade head`. Separate processes,
+    # because Alembic's migration context is process-global; they import first and then
+    # start together, so that without a lock they do collide.
+    go = tmp_path / "go"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code, postgres_url],
+            [sys.executable, "-c", _RACE_CHILD, database_url, str(tmp_path / f"ready{i}"), str(go)],
             cwd=PROJECT_ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(3)
+        for i in range(3)
     ]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready*"))) < len(procs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
     results = [(proc.wait(timeout=120), proc.communicate()[1]) for proc in procs]
     assert [rc for rc, _ in results] == [0, 0, 0], [err for _, err in results]
-    assert current_revision(postgres_url) == "0001"
-    assert _diff(postgres_url, Base.metadata) == []
+    assert current_revision(database_url) == "0001"
+    assert _diff(database_url, Base.metadata) == []
 
 
 def test_missing_migrations_folder_is_a_typed_error(
