@@ -266,7 +266,8 @@ def _record(
     patient_id = _text_field(row, "patient_id", where)
     if not patient_id:
         raise ManifestError(f"{where}: empty 'patient_id' (splitting by patient needs it)")
-    image_path = base / Path(image)
+    # One Path per record: building several is most of the cost of reading a large manifest.
+    image_path = Path(os.path.normpath(os.path.join(base, image)))
     study_id = _text_field(row, "study_id", where) or image_path.stem
     try:
         split = parse_split(row.get("split"))
@@ -274,7 +275,7 @@ def _record(
         raise ManifestError(f"{where}: {exc}") from None
     view_position = _text_field(row, "view_position", where) or None
     return PairedRecord(
-        image_path=Path(os.path.normpath(image_path)),
+        image_path=image_path,
         report=report,
         labels=labels,
         patient_id=patient_id,
@@ -350,12 +351,13 @@ def _to_row(record: PairedRecord, base: Path, manifest: Path, number: int) -> di
         labels = {name: parse_label_value(value) for name, value in record.labels.items()}
     except ValueError as exc:
         raise ManifestError(f"{where}: {exc}") from None
-    image = Path(os.path.abspath(record.image_path))
+    image = os.path.abspath(record.image_path)
     try:
-        relative = Path(os.path.relpath(image, base)).as_posix()
+        relative = os.path.relpath(image, base)
     except ValueError:
         # Another drive on Windows: no relative path exists, keep it absolute.
-        relative = image.as_posix()
+        relative = image
+    relative = relative.replace(os.sep, "/")
     return {
         "image": relative,
         "report": record.report,
