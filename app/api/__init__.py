@@ -1,0 +1,1 @@
+"""HTTP routes (thin): images, search, health; their dependencies and upload limits."""

@@ -1,0 +1,61 @@
+"""``/health`` (alive), ``/ready`` (able to serve) and ``/metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+import anyio
+from fastapi import APIRouter, Depends, Request, Response
+
+from app.api.deps import MetricsDep
+from app.errors import ProblemError, problem_responses
+from app.schemas import HealthPublic, ReadyPublic
+from app.security import require_api_key
+from app.services.runtime import Runtime
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", response_model=HealthPublic, summary="The process is alive")
+async def health() -> HealthPublic:
+    """Always 200 while the process serves requests; says nothing about its dependencies."""
+    return HealthPublic(status="ok")
+
+
+@router.get(
+    "/ready",
+    response_model=ReadyPublic,
+    summary="The service can serve searches and uploads",
+    responses=problem_responses(503),
+)
+async def ready(request: Request) -> ReadyPublic:
+    """200 when the encoder bundle is loaded, the database answers and the index holds
+    exactly the stored vectors of the current model; otherwise a 503 problem whose code
+    says which: ``service_not_ready``, ``database_unavailable`` or ``index_inconsistent``.
+    """
+    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        reason = getattr(request.app.state, "startup_error", None) or "still starting"
+        raise ProblemError(503, "service_not_ready", f"the service is not ready: {reason}")
+    state = await anyio.to_thread.run_sync(runtime.readiness)
+    if not state.ready:
+        raise ProblemError(503, state.code or "service_not_ready", state.detail)
+    return ReadyPublic(
+        status="ready",
+        model_id=runtime.bundle.model_id,
+        images=state.images,
+        index_vectors=state.vectors,
+    )
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    summary="Prometheus metrics",
+    dependencies=[Depends(require_api_key)],
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Text exposition format."},
+        **problem_responses(401),
+    },
+)
+async def metrics(registry: MetricsDep) -> Response:
+    """Request counts and latency histograms per route, and latency per stage."""
+    return Response(registry.render(), media_type=registry.content_type)

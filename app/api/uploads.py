@@ -1,0 +1,139 @@
+"""Request size limits, reading uploaded files within them, and checks uploads share."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Final
+
+from fastapi import Request
+from pydantic import TypeAdapter, ValidationError
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import Problem, ProblemError, ProblemFieldError, problem_response
+
+#: Bytes read from an upload per step: bounded memory whatever the file's size.
+CHUNK_BYTES: Final = 1024 * 1024
+
+_labels_adapter: TypeAdapter[dict[str, float | None]] = TypeAdapter(dict[str, float | None])
+
+
+async def read_upload(upload: UploadFile, limit: int) -> bytes:
+    """The whole file, read in chunks; a 413 problem as soon as it passes ``limit`` bytes."""
+    if upload.size is not None and upload.size > limit:
+        raise too_large(limit)
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := await upload.read(CHUNK_BYTES):
+        total += len(chunk)
+        if total > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class BodyTooLargeError(HTTPException):
+    """Raised from ``receive`` once a body passes the limit.
+
+    An ``HTTPException`` on purpose: FastAPI re-raises those from its body parsing (any
+    other exception there becomes a generic 400), and the problem handlers turn it into a
+    413 ``payload_too_large`` problem.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body exceeds the limit of {limit} bytes")
+
+
+class BodyLimitMiddleware:
+    """Limits request bodies to ``max_bytes``: by Content-Length before anything is read,
+    and by counting the bytes as they arrive (chunked uploads declare no length).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            problem = too_large(self.max_bytes).to_problem(scope["path"])
+            # The body is never read; the connection closes so the client stops sending.
+            await problem_response(problem, {"Connection": "close"})(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLargeError(self.max_bytes)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def too_large(limit: int) -> ProblemError:
+    return ProblemError(413, "payload_too_large", f"the upload exceeds the limit of {limit} bytes")
+
+
+def require_content_type(request: Request, *allowed: str) -> str:
+    """The request's media type if it is one of ``allowed``; else a 415 problem."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type not in allowed:
+        raise ProblemError(
+            415,
+            "unsupported_media_type",
+            f"send the request as {' or '.join(allowed)}, not {media_type or 'no content type'}",
+        )
+    return media_type
+
+
+def field_problem(loc: list[str | int], msg: str, kind: str) -> ProblemError:
+    """A 422 ``validation_error`` problem for one form field."""
+    return ProblemError(
+        422,
+        "validation_error",
+        "1 field error(s) in the request",
+        title="Request validation failed",
+        errors=[ProblemFieldError(loc=loc, msg=msg, type=kind)],
+    )
+
+
+def parse_labels(raw: str, loc: list[str | int]) -> dict[str, float | None]:
+    """A labels form field: a JSON object of name → 1, 0, -1 or null."""
+    try:
+        labels = _labels_adapter.validate_json(raw)
+    except ValidationError as exc:
+        raise field_problem(
+            loc, "labels must be a JSON object of name → number or null", "json_invalid"
+        ) from exc
+    for name, value in labels.items():
+        if value is not None and value not in (1.0, 0.0, -1.0):
+            raise field_problem(loc, f"label {name!r} must be 1, 0, -1 or null", "value_error")
+    return labels
+
+
+def parse_json_field(raw: str, loc: list[str | int]) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise field_problem(loc, "not valid JSON", "json_invalid") from exc
+
+
+def problem_of(error: ProblemError, instance: str | None = None) -> Problem:
+    return error.to_problem(instance)
+
+
+def problem_for_code(
+    status_by_code: Mapping[str, int], code: str, detail: str, default: int = 422
+) -> Problem:
+    """A problem for a ModelError code inside a batch result (not raised, reported)."""
+    status = status_by_code.get(code, default)
+    return ProblemError(status, code, detail).to_problem()

@@ -1,0 +1,174 @@
+"""``convirt ingest PATH``: bulk-load images into the service's database and index.
+
+PATH is a paired manifest (``.csv``/``.jsonl``, see :mod:`model.manifest`: reports,
+labels, views and study ids come with the images; patient ids are *not* stored), a
+directory (every ``.dcm``/``.dicom``/``.png``/``.jpg``/``.jpeg`` file below it, and
+files without a suffix, which DICOM exports often are) or a single image file.
+
+Safe to re-run after an interruption: images are deduplicated by content hash, each batch
+commits its rows with their embeddings in one transaction, and the start-up reconcile
+rebuilds the index from the database if the last run died between a commit and an index
+save. Run it while the service is stopped (or restart the service afterwards): the running
+service does not see rows another process adds until its next start-up reconcile.
+
+Exit status: 0 when every file was stored (or already was), 1 when some failed (listed in
+the log), 2 for unusable arguments or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from app.commands.serve import add_settings_arguments, settings_from_args
+from app.errors import AppError
+from app.services.ingest import IngestItem
+from app.services.runtime import Runtime
+from model.errors import ModelError
+from model.manifest import read_manifest
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES: Final = frozenset({".dcm", ".dicom", ".png", ".jpg", ".jpeg"})
+#: Seconds between index saves during a run (always saved at the end).
+SAVE_INTERVAL_S: Final = 10.0
+
+
+@dataclass(frozen=True)
+class Source:
+    """One file to ingest and what is known about it besides its bytes."""
+
+    path: Path
+    report_text: str | None = None
+    labels: dict[str, float | None] | None = None
+    study_ref: str | None = None
+    view_position: str | None = None
+
+
+def discover(path: Path) -> list[Source]:
+    """The files to ingest from a manifest, a directory or a single file, in a stable order."""
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and not p.name.startswith(".")
+            and (p.suffix.lower() in IMAGE_SUFFIXES or p.suffix == "")
+        )
+        return [Source(p) for p in files]
+    if path.suffix.lower() in (".csv", ".jsonl"):
+        return [
+            Source(
+                path=record.image_path,
+                report_text=record.report or None,
+                labels=dict(record.labels) or None,
+                study_ref=record.study_id or None,
+                view_position=record.view_position,
+            )
+            for record in read_manifest(path)
+        ]
+    if path.is_file():
+        return [Source(path)]
+    raise FileNotFoundError(f"{path}: no such file or directory")
+
+
+def _batches(sources: Sequence[Source], size: int) -> Iterator[Sequence[Source]]:
+    for start in range(0, len(sources), size):
+        yield sources[start : start + size]
+
+
+def ingest_sources(
+    runtime: Runtime, sources: Sequence[Source], *, batch_size: int, progress: bool
+) -> dict[str, int]:
+    """Ingest ``sources`` in batches; returns the counts per outcome."""
+    counts = {"created": 0, "existing": 0, "failed": 0}
+    last_save = time.monotonic()
+    with tqdm(total=len(sources), unit="img", disable=not progress, file=sys.stderr) as bar:
+        for batch in _batches(sources, batch_size):
+            items: list[IngestItem] = []
+            readable: list[Source] = []
+            for source in batch:
+                try:
+                    data = source.path.read_bytes()
+                except OSError as exc:
+                    logger.warning("%s: cannot be read: %s", source.path, exc.strerror)
+                    counts["failed"] += 1
+                    continue
+                readable.append(source)
+                items.append(
+                    IngestItem(
+                        data=data,
+                        report_text=source.report_text,
+                        labels=source.labels,
+                        study_ref=source.study_ref,
+                        view_position=source.view_position,
+                    )
+                )
+            for source, result in zip(readable, runtime.ingest.ingest(items), strict=True):
+                counts[result.status] += 1
+                if result.error is not None:
+                    logger.warning("%s: %s (%s)", source.path, result.error.code, result.error)
+            if time.monotonic() - last_save >= SAVE_INTERVAL_S:
+                runtime.index.save_if_dirty()
+                last_save = time.monotonic()
+            bar.update(len(batch))
+            bar.set_postfix(counts, refresh=False)
+    return counts
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "ingest",
+        help="bulk-load images from a manifest, a directory or a file",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("path", type=Path, help="manifest (.csv/.jsonl), directory or image")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="images per commit and forward pass"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_settings_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        logger.error("--batch-size must be at least 1")
+        return 2
+    try:
+        settings = settings_from_args(args)
+        sources = discover(args.path)
+    except ValidationError as exc:
+        logger.error("invalid settings: %s", exc)
+        return 2
+    except (ModelError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+    logger.info("%d files to ingest from %s", len(sources), args.path)
+    try:
+        runtime = Runtime.start(settings)
+    except (AppError, ModelError) as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+    start = time.perf_counter()
+    try:
+        counts = ingest_sources(
+            runtime, sources, batch_size=args.batch_size, progress=not args.no_progress
+        )
+    finally:
+        runtime.close()
+    elapsed = time.perf_counter() - start
+    summary = {**counts, "seconds": round(elapsed, 3), "vectors": runtime.index.ntotal}
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 1 if counts["failed"] else 0

@@ -1,0 +1,88 @@
+"""``convirt serve``: run the retrieval service (uvicorn).
+
+Refuses to listen beyond loopback without API keys unless anonymous access is intended
+(``--allow-anonymous`` or ``CONVIRT_ALLOW_ANONYMOUS=true``).
+
+Also home of the settings options the service commands share (``--data-dir`` …).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.settings import InsecureExposureError, Settings
+
+logger = logging.getLogger(__name__)
+
+#: Options that override the matching ``CONVIRT_*`` settings, by attribute name.
+_SETTINGS_OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("--data-dir", "data_dir", "root of the stored images, database and index"),
+    ("--database-url", "database_url", "SQLAlchemy URL (default: SQLite under the data dir)"),
+    ("--bundle-dir", "bundle_dir", "encoder bundle to load (default: DATA_DIR/bundle)"),
+    ("--index-dir", "index_dir", "vector index directory (default: DATA_DIR/index)"),
+    ("--index-factory", "index_factory", "FAISS factory string (default: Flat)"),
+)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that override the ``CONVIRT_*`` environment for one run."""
+    group = parser.add_argument_group("settings (override CONVIRT_* variables)")
+    for flag, dest, text in _SETTINGS_OPTIONS:
+        group.add_argument(flag, dest=dest, metavar=dest.split("_")[-1].upper(), help=text)
+
+
+def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
+    """Settings from the environment, overridden by the options given on the command line."""
+    overrides = {dest: getattr(args, dest) for _, dest, _ in _SETTINGS_OPTIONS}
+    overrides.update(extra)
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="run the retrieval service (HTTP API)", description=__doc__
+    )
+    parser.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default: 8000)")
+    parser.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        default=None,
+        help="serve without API keys on a non-loopback address (anonymous access intended)",
+    )
+    add_settings_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(
+            args, host=args.host, port=args.port, allow_anonymous=args.allow_anonymous
+        )
+        settings.ensure_safe_exposure()
+    except ValidationError as exc:
+        logger.error("invalid settings: %s", exc)
+        return 2
+    except InsecureExposureError as exc:
+        logger.error("%s", exc)
+        return 2
+
+    import uvicorn
+
+    from app.main import create_app
+
+    logging.getLogger().setLevel(settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        # The root logger is already configured by the CLI; keep uvicorn from replacing it.
+        log_config=None,
+    )
+    return 0

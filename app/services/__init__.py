@@ -1,0 +1,1 @@
+"""Services behind the routes and commands: ingest, retrieval, store, reconcile, metrics."""

@@ -1,0 +1,276 @@
+"""Ingest: uploaded bytes → decoded pixels → embedding → files, database rows, index.
+
+The order is what keeps the three stores agreeing after any crash:
+
+1. the de-identified PNG and thumbnail are written (named by content hash, atomically), so
+   a committed row never points at a missing file; a crash here leaves at most an orphan
+   file that the same upload overwrites later;
+2. the image rows and their embeddings commit in **one** transaction, so a row never
+   exists without its vector (the database is the source of truth);
+3. the vectors go into the index; if that fails the rows stay and the index is marked for
+   a rebuild from the database (:mod:`app.services.reconcile`), never the other way round.
+
+Deduplication is by the sha256 of the uploaded bytes: the same bytes return the existing
+id. Two uploads of the same bytes racing each other are settled by the unique constraint
+on ``images.content_hash``.
+
+The encoder sees the *stored* pixels (quantised to the PNG's 8 or 16 bits and back), not
+the decoder's float array, so that ``convirt reindex`` re-embedding from the PNG later
+reproduces the same vector.
+
+Nothing here reads or keeps a DICOM's patient module: the decoder returns pixels and
+technical metadata only, and the upload's file name is neither stored nor logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.models import Embedding, Image
+from app.services.live_index import LiveIndex
+from app.services.metrics import Metrics
+from app.services.store import ImageStore, StoredFiles, dequantize, quantize
+from model.bundle import EncoderBundle
+from model.decode import ImageMeta, decode_image
+from model.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+Outcome = Literal["created", "existing", "failed"]
+
+#: Column widths of ``images`` that free-form metadata is clipped to.
+VIEW_POSITION_CHARS = 16
+STUDY_REF_CHARS = 128
+
+
+def _clip(value: str | None, limit: int) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return value[:limit] or None
+
+
+def content_hash(data: bytes) -> str:
+    """sha256 of the uploaded bytes, hex: the identity of an upload."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class IngestItem:
+    """One file to ingest and what the caller says about it."""
+
+    data: bytes
+    report_text: str | None = None
+    labels: dict[str, float | None] | None = None
+    study_ref: str | None = None
+    #: Used when the file itself names no view (PNG/JPEG, or a DICOM without the tag).
+    view_position: str | None = None
+
+
+@dataclass
+class DecodedItem:
+    """An item whose bytes decoded: its hash, stored pixel levels and metadata."""
+
+    item: IngestItem
+    content_hash: str
+    levels: npt.NDArray[np.uint8 | np.uint16]  # (H, W)
+    meta: ImageMeta
+
+    def pixels(self) -> npt.NDArray[np.float32]:
+        """(H, W) float32 in [0, 1]: exactly what a later re-embedding reads back."""
+        return dequantize(self.levels)
+
+
+@dataclass
+class IngestResult:
+    """The outcome for one item, in input order."""
+
+    status: Outcome
+    image_id: int | None = None
+    content_hash: str | None = None
+    error: ModelError | None = field(default=None, repr=False)
+
+
+class IngestService:
+    """Synchronous ingest steps; the API runs them in worker threads, the CLI directly."""
+
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        bundle: EncoderBundle,
+        store: ImageStore,
+        index: LiveIndex,
+        metrics: Metrics,
+        max_image_pixels: int,
+    ) -> None:
+        self.sessions = sessions
+        self.bundle = bundle
+        self.store = store
+        self.index = index
+        self.metrics = metrics
+        self.max_image_pixels = max_image_pixels
+
+    # -- steps -------------------------------------------------------------------------
+
+    def find_existing(self, hashes: Sequence[str]) -> dict[str, int]:
+        """Content hash → image id for the hashes already stored."""
+        if not hashes:
+            return {}
+        with self.metrics.stage("database"), self.sessions() as session:
+            rows = session.execute(
+                select(Image.content_hash, Image.id).where(Image.content_hash.in_(set(hashes)))
+            ).all()
+        return {str(h): int(i) for h, i in rows}
+
+    def decode(self, item: IngestItem, digest: str | None = None) -> DecodedItem:
+        """Decode one item's bytes. Raises :class:`model.decode.ImageDecodeError`."""
+        with self.metrics.stage("decode"):
+            decoded = decode_image(item.data, max_pixels=self.max_image_pixels)
+            levels = quantize(decoded.pixels, decoded.meta.bits)  # (H, W)
+        return DecodedItem(item, digest or content_hash(item.data), levels, decoded.meta)
+
+    def encode(self, items: Sequence[DecodedItem]) -> npt.NDArray[np.float32]:
+        """Embed decoded items: (N, D) float32, L2-normalised."""
+        if not items:
+            return np.zeros((0, self.bundle.dim), np.float32)
+        with self.metrics.stage("encode"):
+            vectors = self.bundle.encode_images([it.pixels() for it in items])  # (N, D)
+        return np.asarray(vectors, dtype=np.float32)
+
+    def persist(
+        self, items: Sequence[DecodedItem], vectors: npt.NDArray[np.float32]
+    ) -> list[IngestResult]:
+        """Write files, commit rows with embeddings in one transaction, then index them.
+
+        ``vectors`` is (N, D), row i for ``items[i]``. Hashes already stored come back as
+        ``existing``; the rest as ``created``.
+        """
+        if len(items) != len(vectors):
+            raise ValueError(f"{len(items)} items but {len(vectors)} vectors")
+        if not items:
+            return []
+        with self.metrics.stage("store"):
+            files = [
+                self.store.write(
+                    it.content_hash,
+                    it.levels,
+                    original=it.item.data,
+                    source_format=it.meta.source_format,
+                )
+                for it in items
+            ]
+        with self.index.change():
+            try:
+                results = self._commit_all(items, vectors, files)
+            except IntegrityError:
+                # Someone stored one of these hashes meanwhile: settle item by item.
+                logger.info("duplicate content hash in a batch of %d; one by one", len(items))
+                results = [self._commit_one(it, vectors[i], files[i]) for i, it in enumerate(items)]
+            created = [i for i, r in enumerate(results) if r.status == "created"]
+            if created:
+                ids = np.asarray([results[i].image_id for i in created], np.int64)  # (M,)
+                with self.metrics.stage("index"):
+                    self.index.add(ids, vectors[created].astype(np.float32))  # (M, D)
+        for result in results:
+            self.metrics.ingested.labels(result.status).inc()
+        return results
+
+    def _row(self, it: DecodedItem, files: StoredFiles) -> Image:
+        meta = it.meta
+        return Image(
+            content_hash=it.content_hash,
+            source_format=meta.source_format,
+            width=meta.width,
+            height=meta.height,
+            bits=meta.bits,
+            photometric=meta.photometric,
+            view_position=_clip(meta.view_position or it.item.view_position, VIEW_POSITION_CHARS),
+            modality=_clip(meta.modality, 16),
+            labels=dict(it.item.labels or {}),
+            report_text=it.item.report_text,
+            study_ref=_clip(it.item.study_ref, STUDY_REF_CHARS),
+            image_path=files.image_path,
+            thumbnail_path=files.thumbnail_path,
+            original_path=files.original_path,
+        )
+
+    def _commit_all(
+        self,
+        items: Sequence[DecodedItem],
+        vectors: npt.NDArray[np.float32],
+        files: Sequence[StoredFiles],
+    ) -> list[IngestResult]:
+        model_id = self.bundle.model_id
+        with self.metrics.stage("database"), self.sessions() as session, session.begin():
+            rows = [self._row(it, files[i]) for i, it in enumerate(items)]
+            session.add_all(rows)
+            session.flush()
+            session.add_all(
+                Embedding.from_vector(row.id, model_id, vectors[i]) for i, row in enumerate(rows)
+            )
+            ids = [int(row.id) for row in rows]
+        return [
+            IngestResult("created", image_id, it.content_hash)
+            for image_id, it in zip(ids, items, strict=True)
+        ]
+
+    def _commit_one(
+        self, it: DecodedItem, vector: npt.NDArray[np.float32], files: StoredFiles
+    ) -> IngestResult:
+        try:
+            return self._commit_all([it], vector[None, :], [files])[0]
+        except IntegrityError:
+            existing = self.find_existing([it.content_hash]).get(it.content_hash)
+            if existing is None:
+                raise
+            return IngestResult("existing", existing, it.content_hash)
+
+    # -- the whole pipeline ------------------------------------------------------------
+
+    def ingest(self, items: Sequence[IngestItem]) -> list[IngestResult]:
+        """Ingest a batch synchronously; one item's bad bytes do not fail the others.
+
+        Returns one result per item, in order. Within the batch, repeated bytes resolve to
+        the first occurrence.
+        """
+        results: list[IngestResult | None] = [None] * len(items)
+        hashes = [content_hash(it.data) for it in items]
+        known = self.find_existing(hashes)
+        first_of: dict[str, int] = {}
+        todo: list[tuple[int, DecodedItem]] = []
+        for position, (item, digest) in enumerate(zip(items, hashes, strict=True)):
+            if digest in known:
+                results[position] = IngestResult("existing", known[digest], digest)
+                continue
+            if digest in first_of:
+                continue
+            first_of[digest] = position
+            try:
+                todo.append((position, self.decode(item, digest)))
+            except ModelError as exc:
+                logger.info("item %d not ingested: %s (%s)", position, exc.code, exc)
+                self.metrics.ingested.labels("failed").inc()
+                results[position] = IngestResult("failed", None, digest, exc)
+        decoded = [d for _, d in todo]
+        persisted = self.persist(decoded, self.encode(decoded))
+        for (position, _), result in zip(todo, persisted, strict=True):
+            results[position] = result
+        for position, digest in enumerate(hashes):
+            if results[position] is None:
+                # A repeat within the batch: the same outcome as its first occurrence.
+                first = results[first_of[digest]]
+                assert first is not None
+                status: Outcome = "failed" if first.status == "failed" else "existing"
+                results[position] = IngestResult(status, first.image_id, digest, first.error)
+        return [r for r in results if r is not None]

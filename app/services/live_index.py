@@ -1,0 +1,156 @@
+"""The vector index as the running service holds it: locking, persistence and staleness.
+
+:class:`~index.VectorIndex` is itself safe to use from many threads; what this wrapper adds
+is the *change* lock that spans a database commit and the matching index update, so that a
+rebuild from the database (which takes it exclusively) never misses a change made between
+its read of the database and its swap of the index. Saving is debounced: changes mark the
+index dirty and
+:meth:`LiveIndex.save_if_dirty` (called periodically and at shutdown) writes it atomically;
+after a crash the start-up reconcile rebuilds whatever the last save missed from the
+database, which is the source of truth.
+
+When an ``add`` or ``remove`` fails the index no longer mirrors the database. It is then
+marked *stale*: ``/ready`` answers 503 and the service schedules a rebuild from the
+stored embeddings (:mod:`app.services.reconcile`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from index import MAX_K, VectorIndex
+from index.rwlock import ReadWriteLock
+
+logger = logging.getLogger(__name__)
+
+
+class LiveIndex:
+    """A :class:`~index.VectorIndex` shared by the request threads of one service."""
+
+    def __init__(self, index: VectorIndex, directory: Path) -> None:
+        self._index = index
+        self.directory = directory
+        self._save_mutex = threading.Lock()
+        # Spans a whole database change *and* its index change, so that a rebuild (which
+        # reads the database, then swaps the index) never misses a change in between.
+        self._changes = ReadWriteLock()
+        self._dirty = False
+        self._stale_reason: str | None = None
+        self.last_saved: float | None = None
+
+    @property
+    def ntotal(self) -> int:
+        return self._index.ntotal
+
+    @property
+    def model_id(self) -> str:
+        return self._index.model_id
+
+    @property
+    def dim(self) -> int:
+        return self._index.dim
+
+    def ids(self) -> npt.NDArray[np.int64]:
+        """The indexed ids, sorted: (N,) int64."""
+        return self._index.ids()
+
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
+    @property
+    def stale_reason(self) -> str | None:
+        """Why the index no longer mirrors the database, or None when it does."""
+        return self._stale_reason
+
+    def mark_stale(self, reason: str) -> None:
+        if self._stale_reason is None:
+            logger.error("vector index marked for rebuild: %s", reason)
+        self._stale_reason = reason
+
+    @contextmanager
+    def change(self) -> Iterator[None]:
+        """Hold while committing rows and applying them to the index; many may hold it."""
+        with self._changes.read():
+            yield
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold to see (and rebuild) the database and the index with no change in flight."""
+        with self._changes.write():
+            yield
+
+    def search(
+        self, queries: npt.NDArray[np.float32], k: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Top-``k`` of (Q, D) queries → scores (Q, k) and ids (Q, k), -1 padded.
+
+        ``k`` is capped at the index size and at :data:`index.MAX_K`.
+        """
+        index = self._index
+        k = min(k, index.ntotal, MAX_K)
+        if k <= 0:
+            q = queries.shape[0]
+            return np.zeros((q, 0), np.float32), np.zeros((q, 0), np.int64)
+        return index.search(queries, k)  # (Q, k), (Q, k)
+
+    def add(self, ids: npt.NDArray[np.int64], vectors: npt.NDArray[np.float32]) -> bool:
+        """Add (N,) ids with (N, D) vectors. Returns False (and marks stale) on failure."""
+        try:
+            self._index.add(ids, vectors)
+            self._dirty = True
+        except Exception as exc:
+            # The rows are committed already: the database stays right, the index is rebuilt.
+            self.mark_stale(f"add of {len(ids)} vectors failed: {type(exc).__name__}: {exc}")
+            return False
+        return True
+
+    def remove(self, ids: npt.NDArray[np.int64]) -> bool:
+        """Remove (N,) ids. Returns False (and marks stale) on failure."""
+        try:
+            self._index.remove(ids)
+            self._dirty = True
+        except Exception as exc:
+            self.mark_stale(f"removal of {len(ids)} vectors failed: {type(exc).__name__}: {exc}")
+            return False
+        return True
+
+    def replace(self, index: VectorIndex, *, saved: bool) -> None:
+        """Swap in a rebuilt index; it is consistent with the database it was built from."""
+        with self._save_mutex:
+            self._index = index
+            self._dirty = not saved
+            self._stale_reason = None
+            if saved:
+                self.last_saved = time.monotonic()
+
+    def save(self) -> None:
+        """Write the index atomically to its directory; searches go on meanwhile.
+
+        The dirty flag is cleared *before* writing: a change landing during the write marks
+        it dirty again, so it is saved next time rather than lost.
+        """
+        with self._save_mutex:
+            self._dirty = False
+            try:
+                self._index.save(self.directory)
+            except BaseException:
+                self._dirty = True
+                raise
+            self.last_saved = time.monotonic()
+        logger.debug("index saved to %s", self.directory)
+
+    def save_if_dirty(self) -> bool:
+        """Save when there are unsaved changes and the index is not stale; True if saved."""
+        if not self._dirty or self._stale_reason is not None:
+            return False
+        self.save()
+        return True

@@ -1,0 +1,209 @@
+"""The running service's parts, built once from the settings: database, bundle, store, index.
+
+:meth:`Runtime.start` is what the app's lifespan (and ``convirt ingest``/``reindex``) run:
+migrate the database, load the encoder bundle, reconcile the index with the database. It
+is synchronous and slow (seconds: the bundle's towers load), so the app runs it in a
+worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db import create_engine_for, ping, session_factory, upgrade_database
+from app.models import Image
+from app.services.ingest import IngestService
+from app.services.live_index import LiveIndex
+from app.services.metrics import Metrics
+from app.services.reconcile import (
+    ProgressCallback,
+    ReconcileReport,
+    count_embeddings,
+    open_index,
+    reconcile,
+)
+from app.services.retrieval import RetrievalService
+from app.services.store import ImageStore
+from app.settings import Settings
+from model.bundle import EncoderBundle
+
+logger = logging.getLogger(__name__)
+
+#: Readiness outcomes that are not "ready", with their problem codes.
+NOT_READY_DATABASE: Final = "database_unavailable"
+NOT_READY_INDEX: Final = "index_inconsistent"
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    code: str | None = None
+    detail: str | None = None
+    images: int = 0
+    vectors: int = 0
+
+
+class Runtime:
+    """Everything a request needs; one per app (or per command)."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        engine: Engine,
+        sessions: sessionmaker[Session],
+        bundle: EncoderBundle,
+        store: ImageStore,
+        index: LiveIndex,
+        metrics: Metrics,
+        report: ReconcileReport,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.sessions = sessions
+        self.bundle = bundle
+        self.store = store
+        self.index = index
+        self.metrics = metrics
+        self.report = report
+        self.ingest = IngestService(
+            sessions=sessions,
+            bundle=bundle,
+            store=store,
+            index=index,
+            metrics=metrics,
+            max_image_pixels=settings.max_image_pixels,
+        )
+        self.retrieval = RetrievalService(
+            sessions=sessions, index=index, metrics=metrics, model_id=bundle.model_id
+        )
+        metrics.index_vectors.set_function(lambda: index.ntotal)
+
+    @classmethod
+    def start(
+        cls,
+        settings: Settings,
+        *,
+        metrics: Metrics | None = None,
+        bundle: EncoderBundle | None = None,
+        reembed_all: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> Runtime:
+        """Migrate, load the bundle (unless given), reconcile; the index agrees when it returns.
+
+        ``reembed_all`` re-embeds every stored image first (``convirt reindex``).
+        """
+        engine = create_engine_for(settings)
+        try:
+            upgrade_database(settings.database_url)
+            sessions = session_factory(engine)
+            if bundle is None:
+                bundle = EncoderBundle.load(settings.bundle_dir)
+            logger.info("encoder bundle %s (dim %d) loaded", bundle.model_id, bundle.dim)
+            store = ImageStore(
+                settings.data_dir,
+                thumbnail_size=settings.thumbnail_size,
+                store_originals=settings.store_originals,
+            )
+            vindex, report = reconcile(
+                sessions,
+                bundle,
+                store,
+                index_dir=settings.index_dir,
+                factory=settings.index_factory,
+                reembed_all=reembed_all,
+                progress=progress,
+            )
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=sessions,
+            bundle=bundle,
+            store=store,
+            index=LiveIndex(vindex, settings.index_dir),
+            metrics=metrics or Metrics(),
+            report=report,
+        )
+
+    # -- maintenance -------------------------------------------------------------------
+
+    def rebuild_index(self) -> None:
+        """Rebuild the index from the database with no change in flight, and save it."""
+        with self.index.exclusive():
+            vindex, reason = open_index(
+                self.sessions,
+                index_dir=self.settings.index_dir,
+                model_id=self.bundle.model_id,
+                dim=self.bundle.dim,
+                factory=self.settings.index_factory,
+            )
+            # Either the saved copy agrees with the database (reason None) or open_index
+            # rebuilt and saved a new one: both are on disk as they are live.
+            self.index.replace(vindex, saved=True)
+            if reason is not None:
+                logger.info("index rebuilt: %s", reason)
+
+    def maintain(self) -> None:
+        """Periodic duty: rebuild a stale index, else save unsaved changes."""
+        if self.index.stale_reason is not None:
+            self.rebuild_index()
+        else:
+            self.index.save_if_dirty()
+
+    def readiness(self) -> Readiness:
+        """Database reachable and index holding exactly the model's stored embeddings."""
+        if not ping(self.engine):
+            return Readiness(False, NOT_READY_DATABASE, "the database does not answer")
+        if self.index.stale_reason is not None:
+            return Readiness(False, NOT_READY_INDEX, "the index is being rebuilt")
+        # No change may be half done (committed, not yet indexed) while counting.
+        with self.index.exclusive():
+            vectors = self.index.ntotal
+            stored = count_embeddings(self.sessions, self.bundle.model_id)
+            with self.sessions() as session:
+                images = int(session.scalar(select(func.count()).select_from(Image)) or 0)
+        if vectors != stored:
+            return Readiness(
+                False,
+                NOT_READY_INDEX,
+                f"the index holds {vectors} vectors, the database {stored}",
+                images,
+                vectors,
+            )
+        return Readiness(True, images=images, vectors=vectors)
+
+    def delete_image(self, image_id: int) -> bool:
+        """Delete an image: database (committed) first, then the index, then the files.
+
+        Returns False when there is no such image.
+        """
+        with self.index.change():
+            with self.metrics.stage("database"), self.sessions() as session, session.begin():
+                row = session.get(Image, image_id)
+                if row is None:
+                    return False
+                paths = (row.image_path, row.thumbnail_path, row.original_path)
+                session.delete(row)
+            with self.metrics.stage("index"):
+                self.index.remove(np.asarray([image_id], dtype=np.int64))
+        with self.metrics.stage("store"):
+            self.store.delete(*paths)
+        logger.info("image %d deleted", image_id)
+        return True
+
+    def close(self) -> None:
+        """Save unsaved index changes and release the database connections."""
+        try:
+            if self.index.stale_reason is None:
+                self.index.save_if_dirty()
+        finally:
+            self.engine.dispose()
