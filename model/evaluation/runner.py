@@ -1,0 +1,422 @@
+"""Run a retrieval protocol against an encoder: embed (cached), rank, score, compare.
+
+For each task (image → image, text → image) the runner scores:
+
+- ``model``: the encoder's shared-space embeddings (cosine similarity);
+- ``backbone`` (image → image only): the image backbone's pooled features before the
+  projection head, L2-normalised, i.e. the network without its contrastive head (the
+  paper's "ImageNet" row when the bundle's backbone is ImageNet-initialised);
+- ``random``: uniformly random rankings, averaged over ``random_repeats`` draws;
+- ``random_expected``: the exact expectation of a random ranking (12.5 % at every k for
+  the official protocol).
+
+Image vectors come from the :class:`~model.evaluation.cache.EmbeddingCache` when present
+(keyed by model id and the sha256 of the file's bytes); files are decoded only on a miss,
+batch by batch, so memory holds one batch of pixels at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from model.evaluation.cache import EmbeddingCache, content_hash, derived_model_id
+from model.evaluation.errors import EvaluationError, ProtocolError
+from model.evaluation.metrics import (
+    DEFAULT_KS,
+    TIE_RULE,
+    RetrievalScores,
+    analytic_random_baseline,
+    random_baseline,
+    score_retrieval,
+)
+from model.evaluation.protocol import RetrievalProtocol, resolve_image, validate_protocol
+
+logger = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+
+IMAGE_TO_IMAGE: Final = "image_to_image"
+TEXT_TO_IMAGE: Final = "text_to_image"
+MODEL: Final = "model"
+BACKBONE: Final = "backbone"
+RANDOM: Final = "random"
+RANDOM_EXPECTED: Final = "random_expected"
+#: Feature space name of the backbone baseline in the cache (see ``derived_model_id``).
+BACKBONE_SPACE: Final = "image-backbone-pooled"
+
+#: ``progress(fraction in [0, 1], stage)``.
+ProgressCallback = Callable[[float, str], None]
+
+
+class EvaluationCancelled(EvaluationError):
+    """The run was asked to stop before it finished."""
+
+    code = "evaluation_cancelled"
+
+
+class Encoder(Protocol):
+    """What the runner needs of an encoder bundle (:class:`model.bundle.EncoderBundle`)."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    def encode_images(self, images: Sequence[np.ndarray], *, batch_size: int = ...) -> FloatArray:
+        """float32 (N, D), L2-normalised rows."""
+        ...
+
+    def encode_texts(self, texts: Sequence[str], *, batch_size: int = ...) -> FloatArray:
+        """float32 (N, D), L2-normalised rows."""
+        ...
+
+    def image_backbone_features(
+        self, images: Sequence[np.ndarray], *, batch_size: int = ..., normalize: bool = ...
+    ) -> FloatArray:
+        """float32 (N, F), L2-normalised rows when ``normalize``."""
+        ...
+
+
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """How to run: cut-offs, which baselines, batch size and seeds."""
+
+    ks: tuple[int, ...] = DEFAULT_KS
+    backbone: bool = True
+    random_repeats: int = 20
+    seed: int = 0
+    batch_size: int = 32
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ks": list(self.ks),
+            "backbone": self.backbone,
+            "random_repeats": self.random_repeats,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+        }
+
+
+@dataclass(frozen=True)
+class EmbeddingStats:
+    """Where the image vectors of one feature space came from."""
+
+    images: int
+    cache_hits: int
+    encoded: int
+    seconds: float
+
+
+@dataclass(frozen=True, eq=False)
+class EvaluationResult:
+    """Everything the report needs.
+
+    ``scores[task][method]`` holds the :class:`RetrievalScores`; ``candidate_embeddings``
+    is the model's float32 (N, D) embedding of the image task's candidates and
+    ``candidate_categories`` their int (N,) category (the one positive label; -1 if none),
+    for the embedding map.
+    """
+
+    protocol: RetrievalProtocol
+    model_id: str
+    options: EvaluationOptions
+    scores: dict[str, dict[str, RetrievalScores]]
+    candidate_embeddings: FloatArray
+    candidate_categories: npt.NDArray[np.int64]
+    embedding_stats: dict[str, EmbeddingStats]
+    seconds: float
+    model_name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document of the run (``report.json``)."""
+        return {
+            "protocol": {
+                "name": self.protocol.name,
+                "categories": list(self.protocol.categories),
+                "params": self.protocol.params,
+                "counts": self.protocol.counts(),
+            },
+            "model": {"model_id": self.model_id, "name": self.model_name},
+            "options": self.options.to_dict(),
+            "metrics": {
+                "ks": list(self.options.ks),
+                "aggregation": "per-category mean over queries, then unweighted mean over "
+                "categories",
+                "relevance": "a candidate is relevant when its label for the query's category is 1",
+                "tie_rule": TIE_RULE,
+            },
+            "results": {
+                task: {method: s.to_dict() for method, s in methods.items()}
+                for task, methods in self.scores.items()
+            },
+            "embeddings": {
+                space: {
+                    "images": s.images,
+                    "cache_hits": s.cache_hits,
+                    "encoded": s.encoded,
+                    "seconds": round(s.seconds, 3),
+                }
+                for space, s in self.embedding_stats.items()
+            },
+            "seconds": round(self.seconds, 3),
+            **self.extra,
+        }
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _check_stop(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise EvaluationCancelled("the evaluation was cancelled")
+
+
+def _hash_files(
+    paths: Sequence[str],
+    root: Path | None,
+    where: dict[str, str],
+    progress: ProgressCallback,
+    cancel: threading.Event | None,
+) -> list[str]:
+    hashes = []
+    for number, path in enumerate(paths):
+        _check_stop(cancel)
+        try:
+            data = resolve_image(root, path).read_bytes()
+        except OSError as exc:
+            raise ProtocolError(
+                f"{where[path]}: cannot read {resolve_image(root, path)}: {exc.strerror or exc}",
+                code="image_missing",
+            ) from None
+        hashes.append(content_hash(data))
+        if number % 64 == 0:
+            progress(0.1 * number / max(len(paths), 1), "hashing images")
+    return hashes
+
+
+def _embed_images(
+    encoder: Encoder,
+    paths: Sequence[str],
+    hashes: Sequence[str],
+    *,
+    root: Path | None,
+    where: dict[str, str],
+    spaces: dict[str, str],
+    cache: EmbeddingCache | None,
+    batch_size: int,
+    progress: ProgressCallback,
+    cancel: threading.Event | None,
+) -> tuple[dict[str, FloatArray], dict[str, EmbeddingStats]]:
+    """Vectors of ``paths`` in each feature space: space → float32 (len(paths), D_space).
+
+    ``spaces`` maps a space name (``model``/``backbone``) to its cache key.
+    """
+    from model.decode import ImageDecodeError, decode_image
+
+    clock = _Stopwatch()
+    unique = list(dict.fromkeys(hashes))
+    known: dict[str, dict[str, FloatArray]] = {}
+    for space, key in spaces.items():
+        known[space] = cache.get_many(key, unique) if cache is not None else {}
+    hits = {space: len(found) for space, found in known.items()}
+    first_path = {h: p for p, h in reversed(list(zip(paths, hashes, strict=True)))}
+    todo = [h for h in unique if any(h not in known[s] for s in spaces)]
+    logger.info(
+        "%d distinct images; cache hits %s; %d to decode",
+        len(unique),
+        ", ".join(f"{s} {n}" for s, n in hits.items()),
+        len(todo),
+    )
+    for start in range(0, len(todo), batch_size):
+        _check_stop(cancel)
+        batch = todo[start : start + batch_size]
+        pixels = []
+        for key in batch:
+            path = first_path[key]
+            try:
+                data = resolve_image(root, path).read_bytes()
+                pixels.append(decode_image(data).pixels)  # (H, W)
+            except OSError as exc:
+                raise ProtocolError(
+                    f"{where[path]}: cannot read {resolve_image(root, path)}: {exc}",
+                    code="image_missing",
+                ) from None
+            except ImageDecodeError as exc:
+                raise ProtocolError(
+                    f"{where[path]}: {resolve_image(root, path)}: {exc}", code=exc.code
+                ) from None
+        for space, cache_key in spaces.items():
+            need = [i for i, key in enumerate(batch) if key not in known[space]]
+            if not need:
+                continue
+            images = [pixels[i] for i in need]
+            if space == BACKBONE:
+                vectors = encoder.image_backbone_features(images, batch_size=batch_size)  # (b, F)
+            else:
+                vectors = encoder.encode_images(images, batch_size=batch_size)  # (b, D)
+            fresh = {batch[i]: vectors[row] for row, i in enumerate(need)}
+            known[space].update(fresh)
+            if cache is not None:
+                cache.put_many(cache_key, fresh)
+        done = min(start + batch_size, len(todo))
+        progress(0.1 + 0.85 * done / len(todo), f"encoding images {done}/{len(todo)}")
+    seconds = clock.elapsed()
+    out: dict[str, FloatArray] = {}
+    stats: dict[str, EmbeddingStats] = {}
+    for space in spaces:
+        out[space] = np.stack([known[space][h] for h in hashes]).astype(np.float32)  # (P, D)
+        stats[space] = EmbeddingStats(
+            images=len(unique),
+            cache_hits=hits[space],
+            encoded=len(unique) - hits[space],
+            seconds=seconds,
+        )
+    return out, stats
+
+
+def _similarity(queries: FloatArray, candidates: FloatArray) -> npt.NDArray[np.float64]:
+    """(Q, D) · (N, D)ᵀ in float64, so rankings do not depend on BLAS summation order."""
+    return queries.astype(np.float64) @ candidates.astype(np.float64).T  # (Q, N)
+
+
+def run_evaluation(
+    protocol: RetrievalProtocol,
+    encoder: Encoder,
+    *,
+    root: str | os.PathLike[str] | None,
+    cache: EmbeddingCache | None = None,
+    options: EvaluationOptions | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+    model_name: str | None = None,
+) -> EvaluationResult:
+    """Validate ``protocol`` against the images under ``root`` and score both tasks.
+
+    Raises :class:`ProtocolError` for files or images that cannot be evaluated (naming the
+    file and row), :class:`EvaluationCancelled` when ``cancel`` is set during the run.
+    """
+    opts = options or EvaluationOptions()
+    report = progress or (lambda fraction, stage: None)
+    clock = _Stopwatch()
+    image_root = Path(root) if root is not None else None
+    report(0.0, "validating")
+    validate_protocol(protocol, image_root)
+
+    paths = protocol.image_paths()
+    where: dict[str, str] = {}
+    for item in protocol.images():
+        where.setdefault(item.path, item.where)
+    hashes = _hash_files(paths, image_root, where, report, cancel)
+    spaces = {MODEL: encoder.model_id}
+    if opts.backbone:
+        spaces[BACKBONE] = derived_model_id(encoder.model_id, BACKBONE_SPACE)
+    vectors, stats = _embed_images(
+        encoder,
+        paths,
+        hashes,
+        root=image_root,
+        where=where,
+        spaces=spaces,
+        cache=cache,
+        batch_size=opts.batch_size,
+        progress=report,
+        cancel=cancel,
+    )
+    row = {path: i for i, path in enumerate(paths)}
+
+    def rows(items: Sequence[Any]) -> npt.NDArray[np.int64]:
+        return np.array([row[item.path] for item in items], dtype=np.int64)
+
+    _check_stop(cancel)
+    report(0.95, "scoring")
+    categories = protocol.categories
+    image_candidates = rows(protocol.image_candidates)
+    image_queries = rows(protocol.image_queries)
+    text_candidates = rows(protocol.text_candidates)
+    image_positive = protocol.positives(protocol.image_candidates)  # (N, C)
+    text_positive = protocol.positives(protocol.text_candidates)  # (N', C)
+    image_query_category = protocol.image_query_categories()  # (Q,)
+    text_query_category = protocol.text_query_categories()  # (T,)
+
+    image_task: dict[str, RetrievalScores] = {}
+    for space in spaces:
+        embedded = vectors[space]  # (P, D)
+        image_task[space] = score_retrieval(
+            _similarity(embedded[image_queries], embedded[image_candidates]),
+            image_positive,
+            image_query_category,
+            categories,
+            opts.ks,
+        )
+    image_task[RANDOM] = random_baseline(
+        image_positive,
+        image_query_category,
+        categories,
+        opts.ks,
+        repeats=opts.random_repeats,
+        seed=opts.seed,
+    )
+    image_task[RANDOM_EXPECTED] = analytic_random_baseline(
+        image_positive, image_query_category, categories, opts.ks
+    )
+
+    texts = encoder.encode_texts([q.text for q in protocol.text_queries])  # (T, D)
+    text_task: dict[str, RetrievalScores] = {
+        MODEL: score_retrieval(
+            _similarity(texts, vectors[MODEL][text_candidates]),
+            text_positive,
+            text_query_category,
+            categories,
+            opts.ks,
+        ),
+        RANDOM: random_baseline(
+            text_positive,
+            text_query_category,
+            categories,
+            opts.ks,
+            repeats=opts.random_repeats,
+            seed=opts.seed + 1,
+        ),
+        RANDOM_EXPECTED: analytic_random_baseline(
+            text_positive, text_query_category, categories, opts.ks
+        ),
+    }
+    candidate_categories = np.where(
+        image_positive.sum(axis=1) == 1, image_positive.argmax(axis=1), -1
+    ).astype(np.int64)  # (N,)
+    seconds = clock.elapsed()
+    report(1.0, "done")
+    result = EvaluationResult(
+        protocol=protocol,
+        model_id=encoder.model_id,
+        options=opts,
+        scores={IMAGE_TO_IMAGE: image_task, TEXT_TO_IMAGE: text_task},
+        candidate_embeddings=vectors[MODEL][image_candidates],
+        candidate_categories=candidate_categories,
+        embedding_stats=stats,
+        seconds=seconds,
+        model_name=model_name,
+    )
+    logger.info(
+        "evaluated %s on %s in %.1f s: image→image P@10 %.3f, text→image P@10 %.3f",
+        encoder.model_id,
+        protocol.name,
+        seconds,
+        image_task[MODEL].mean.get("p@10", float("nan")),
+        text_task[MODEL].mean.get("p@10", float("nan")),
+    )
+    return result
