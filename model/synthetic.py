@@ -85,6 +85,7 @@ _ALLOWED: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "Edema": (("bilateral",), ("",)),
     "Fracture": (
         ("right", "left"),
+        # Ribs numbered so that a run of three (severe) stays within the eleven drawn.
         tuple(f"posterior rib {n}" for n in range(3, 10))
         + tuple(f"lateral rib {n}" for n in range(4, 10))
         + ("clavicle",),
@@ -121,7 +122,8 @@ class Finding:
 
     ``label`` is one of :data:`FINDING_LABELS`; ``side`` is the patient's side ("right",
     "left", "bilateral", or "" where laterality does not apply); ``severity`` is one of
-    :data:`SEVERITIES` (an effusion's or pneumothorax's size, a fracture's displacement);
+    :data:`SEVERITIES` (an effusion's or pneumothorax's size, a fracture's displacement; a
+    severe rib fracture breaks the named rib and the two below it);
     ``location`` is label-specific: a zone ("upper", "middle", "lower") for pneumonia,
     "apical"/"lateral"/"basilar" for pneumothorax, "posterior rib 6"/"lateral rib 7"/
     "clavicle" for fracture, "" otherwise.
@@ -608,6 +610,31 @@ def _finding_sentences(f: Finding, rng: np.random.Generator) -> tuple[_Sentence,
         imp = _pick(rng, (f"{_cap(where)} atelectasis.", f"Atelectasis at {base}."))
         return _Sentence(text, own | extra), _Sentence(imp, own)
     # Fracture
+    disp = {
+        "mild": ("nondisplaced", "acute nondisplaced"),
+        "moderate": ("minimally displaced", "mildly displaced"),
+        "severe": ("displaced", "angulated displaced"),
+    }[f.severity]
+    d = _pick(rng, disp)
+    if f.location != "clavicle" and f.severity == "severe":
+        # Severe rib trauma breaks a run of three adjacent ribs (as _draw_bones renders it).
+        part, _, number = f.location.split()
+        n = int(number)
+        span = f"{_ordinal(n)} through {_ordinal(n + 2)}"
+        body = _pick(
+            rng,
+            (
+                f"There are {d} fractures of the {side} {span} {part} ribs.",
+                f"{_cap(d)} fractures of the {side} {span} {part} ribs.",
+                f"Cortical step-off of the {side} {span} {part} ribs, compatible with"
+                f" {d} fractures.",
+            ),
+        )
+        imp = _pick(
+            rng,
+            (f"Multiple {side} rib fractures.", f"{_cap(d)} fractures of the {side} {span} ribs."),
+        )
+        return _Sentence(body, own), _Sentence(imp, own)
     if f.location == "clavicle":
         bone = f"{side} clavicle"
         bone_imp = bone
@@ -615,12 +642,6 @@ def _finding_sentences(f: Finding, rng: np.random.Generator) -> tuple[_Sentence,
         part, _, number = f.location.split()
         bone = f"{side} {_ordinal(int(number))} {part} rib"
         bone_imp = f"{side} {_ordinal(int(number))} rib"
-    disp = {
-        "mild": ("nondisplaced", "acute nondisplaced"),
-        "moderate": ("minimally displaced", "mildly displaced"),
-        "severe": ("displaced", "angulated displaced"),
-    }[f.severity]
-    d = _pick(rng, disp)
     options_f = [
         f"There is {_article(d)} {d} fracture of the {bone}.",
         f"{_cap(d)} fracture of the {bone}.",
@@ -1115,8 +1136,8 @@ def _paint(plan: _Plan, size: int) -> tuple[npt.NDArray[np.uint8], Geometry]:
     # Bones: seen best against aerated lung, faintly through fluid and soft tissue.
     fracture = by_label.get("Fracture")
     back, front, collar, fracture_points = _draw_bones(anat, fr, mcx, fracture, shape_rng)
-    atten = atten + (0.05 + 0.07 * clear) * back + (0.02 + 0.03 * clear) * front
-    atten = atten + 0.12 * collar
+    atten = atten + (0.06 + 0.09 * clear) * back + (0.02 + 0.035 * clear) * front
+    atten = atten + 0.18 * collar
 
     # Exposure, film response, unsharpness and quantum noise.
     img = (atten - np.float32(acq.window_low)) * np.float32(
@@ -1313,7 +1334,7 @@ def _fracture_site(f: Finding, r: np.random.Generator) -> tuple[int, float]:
         return -1, float(r.uniform(0.35, 0.65))
     part, _, number = f.location.split()
     # Along the posterior course; a "lateral" break sits where the rib turns forward.
-    pos = float(r.uniform(0.4, 0.7)) if part == "posterior" else float(r.uniform(0.88, 0.95))
+    pos = float(r.uniform(0.4, 0.7)) if part == "posterior" else float(r.uniform(0.8, 0.88))
     return int(number) - 1, pos
 
 
@@ -1389,25 +1410,28 @@ def _draw_bones(
     db, df, dc = ImageDraw.Draw(back), ImageDraw.Draw(front), ImageDraw.Draw(collar)
     w_post = fr.width(0.021)
     w_ant = fr.width(0.015)
-    w_cl = fr.width(0.026)
-    site: tuple[str, int, float] | None = None
+    w_cl = fr.width(0.03)
+    breaks: dict[tuple[str, int], float] = {}  # (side, rib index or -1) -> position along it
     step = angle = 0.0
     if fracture is not None:
         r = shape_rng("Fracture")
         index, pos = _fracture_site(fracture, r)
-        site = (fracture.side, index, pos)
+        breaks[(fracture.side, index)] = pos
+        if index >= 0 and fracture.severity == "severe":
+            for k in (1, 2):
+                breaks[(fracture.side, index + k)] = pos + float(r.uniform(-0.04, 0.04))
         level = SEVERITIES.index(fracture.severity)
-        step = (0.0, 0.8, 1.5)[level] * w_post * float(r.choice((-1.0, 1.0)))
-        angle = math.radians((0.0, 6.0, 15.0)[level]) * float(r.choice((-1.0, 1.0)))
-    gap = max(2.0, 0.01 * size * fr.scale)
+        step = (0.0, 1.3, 2.0)[level] * w_post * float(r.choice((-1.0, 1.0)))
+        angle = math.radians((0.0, 8.0, 18.0)[level]) * float(r.choice((-1.0, 1.0)))
+    gap = max(2.0, 0.018 * size * fr.scale)
     broken: list[Point] = []
     for side in ("right", "left"):
         for i in range(11):
             pa, py, aa, ay = _rib_paths(anat, mcx, side, i)
             post = fr.pts(pa, py)
             w = w_post if i else max(1, w_post - 1)
-            if site is not None and site[0] == side and site[1] == i:
-                first, second, point = _break_bone(post, site[2], gap, step, angle)
+            if (side, i) in breaks:
+                first, second, point = _break_bone(post, breaks[(side, i)], gap, step, angle)
                 _draw_bone(db, first, w, 255, 185)
                 _draw_bone(db, second, w, 255, 185)
                 broken.append(point)
@@ -1415,8 +1439,8 @@ def _draw_bones(
                 _draw_bone(db, post, w, 255, 185)
             _draw_bone(df, fr.pts(aa, ay), w_ant, 220, 170)
         clavicle = fr.pts(*_clavicle_path(anat, mcx, side, fr.ap))
-        if site is not None and site[0] == side and site[1] == -1:
-            first, second, point = _break_bone(clavicle, site[2], gap, 1.5 * step, angle)
+        if (side, -1) in breaks:
+            first, second, point = _break_bone(clavicle, breaks[(side, -1)], gap, 1.5 * step, angle)
             _draw_bone(dc, first, w_cl, 255, 200)
             _draw_bone(dc, second, w_cl, 255, 200)
             broken.append(point)

@@ -381,15 +381,19 @@ def test_nondisplaced_fracture_is_a_gap_in_the_rib() -> None:
     assert np.array_equal(frac.image[outside], normal.image[outside])
 
 
-def test_displaced_fracture_moves_the_far_fragment() -> None:
+def test_severe_fracture_displaces_three_adjacent_ribs() -> None:
     normal = study(23, [])
     frac = study(
         23, [Finding("Fracture", side="left", severity="severe", location="posterior rib 5")]
     )
-    ((x, y),) = frac.geometry.fracture_points
-    assert x > normal.geometry.midline_x
+    assert "5th through 7th" in frac.report
+    points = frac.geometry.fracture_points
+    assert len(points) == 3
+    assert [p[1] for p in points] == sorted(p[1] for p in points)  # one rib below the other
     diff = np.abs(frac.image.astype(int) - normal.image.astype(int))
-    assert box_mean(frac.image, x, y, 1) < box_mean(normal.image, x, y, 1) - 8
+    for x, y in points:
+        assert x > normal.geometry.midline_x
+        assert box_mean(frac.image, x, y, 1) < box_mean(normal.image, x, y, 1) - 8
     # The displaced fragment changes pixels well beyond the break.
     assert (diff[~frac.geometry.masks["Fracture"]] > 10).sum() > 30
 
