@@ -536,8 +536,10 @@ class VectorIndex:
         return self._manifest
 
     @property
-    def faiss_index(self) -> faiss.Index:
-        """The underlying FAISS index, for read-only inspection and benchmarks.
+    def faiss_index(self) -> Any:
+        """The underlying FAISS index (IndexIDMap, IndexIVF… or IndexHNSW… by kind).
+
+        For read-only inspection and benchmarks.
 
         Labels of an HNSW index are slots, not ids; never mutate it.
         """
