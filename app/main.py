@@ -27,6 +27,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from app.api import health, images, search
+from app.api import web as web_page  # the web page at / (issue 7)
 from app.api.uploads import BodyLimitMiddleware
 from app.errors import install_problem_handlers
 from app.security import ApiKeyMiddleware, encode_keys, require_api_key
@@ -143,6 +144,7 @@ def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None
     app.include_router(health.router)
     app.include_router(images.router)
     app.include_router(search.router)
+    app.include_router(web_page.router)  # the web page at / (issue 7)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])
     async def openapi_document() -> JSONResponse:
@@ -154,7 +156,9 @@ def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None
 
     install_problem_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(ApiKeyMiddleware, keys=app.state.api_keys, public_paths=PUBLIC_PATHS)
+    # The web page and its assets are open: the page is where a user enters the key (issue 7).
+    public_paths = (*PUBLIC_PATHS, *web_page.PUBLIC_PATHS)
+    app.add_middleware(ApiKeyMiddleware, keys=app.state.api_keys, public_paths=public_paths)
     # Added last, so outermost: it sees the final status of every response, errors included.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
