@@ -849,11 +849,12 @@ class VectorIndex:
                 _write_text_atomic(path / MANIFEST_NAME, manifest.to_json())
                 _fsync_dir(path)
                 self._manifest = manifest
+                # Still under the mutex, so a concurrent save's temporary files are safe.
+                self._remove_stale_files(path, keep={index_file, labels_file})
         except (OSError, RuntimeError) as exc:
             raise IndexFileError(
                 f"cannot save the index to {path}: {exc}", code="save_failed"
             ) from exc
-        self._remove_stale_files(path, keep={index_file, labels_file})
         logger.info(
             "saved %s index (%d vectors) to %s in %.1f s",
             self._factory,
