@@ -14,7 +14,15 @@ import sys
 from collections.abc import Sequence
 
 # Order is the order shown in ``convirt --help``.
-COMMAND_MODULES: tuple[str, ...] = ("demo_data", "db", "serve", "ingest", "reindex")
+COMMAND_MODULES: tuple[str, ...] = (
+    "demo_data",
+    "train",
+    "export",
+    "db",
+    "serve",
+    "ingest",
+    "reindex",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
