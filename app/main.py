@@ -26,11 +26,13 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from app.api import evaluations as evaluations_api  # evaluation jobs (issue 6)
 from app.api import health, images, search
 from app.api import web as web_page  # the web page at / (issue 7)
 from app.api.uploads import BodyLimitMiddleware
 from app.errors import install_problem_handlers
 from app.security import ApiKeyMiddleware, encode_keys, require_api_key
+from app.services.evaluations import EvaluationJobs  # evaluation jobs (issue 6)
 from app.services.metrics import Metrics, MetricsMiddleware
 from app.services.runtime import Runtime
 from app.settings import Settings
@@ -140,10 +142,12 @@ def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None
     app.state.api_keys = encode_keys(settings.api_keys)
     app.state.runtime = None
     app.state.startup_error = None
+    app.state.evaluations = EvaluationJobs()  # evaluation jobs (issue 6): one run at a time
 
     app.include_router(health.router)
     app.include_router(images.router)
     app.include_router(search.router)
+    app.include_router(evaluations_api.router)  # evaluation jobs (issue 6)
     app.include_router(web_page.router)  # the web page at / (issue 7)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])

@@ -1,0 +1,387 @@
+"""Background evaluation runs of the service (``/evaluations``).
+
+A run scores the service's encoder bundle with :mod:`model.evaluation` over one of:
+
+- ``chexpert-8x200``: the official protocol files and a CheXpert root readable by the
+  server;
+- ``manifest``: a labelled manifest readable by the server, sampled per category;
+- ``stored``: the images already stored in the service, with their labels, sampled the
+  same way (their de-identified PNGs are what is embedded).
+
+One run at a time per process: :meth:`EvaluationJobs.submit` validates the request
+synchronously (so a missing image or an absent category is a 422 problem at once), stores
+an ``evaluation_runs`` row and starts a worker thread; a second submission while one runs
+raises :class:`EvaluationBusyError` (409). The worker records progress, then the results
+(``report.json``'s document) or the error, and writes the report files under
+``{data_dir}/evaluations/{id}/``. Image vectors are cached in the ``embedding_cache``
+table by (model id, content hash), so a repeated run over the same images is quick.
+
+The service runs as one process (``convirt serve``): runs left ``queued`` or ``running``
+in the database by a process that stopped are marked failed (``interrupted``) the first
+time this process touches the runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.errors import ProblemError
+from app.models import CachedEmbedding, EvaluationRun, Image, utcnow
+from app.services.runtime import Runtime
+from model.errors import ModelError
+from model.evaluation.protocol import (
+    RetrievalProtocol,
+    TextQuery,
+    find_protocol_dir,
+    read_chexpert_8x200,
+    validate_protocol,
+)
+from model.evaluation.queries import default_text_queries
+from model.evaluation.runner import EvaluationCancelled, EvaluationOptions, run_evaluation
+from model.evaluation.sampling import LabelledImage, manifest_images, sample_protocol
+
+logger = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+
+PROTOCOLS: Final[tuple[str, ...]] = ("chexpert-8x200", "manifest", "stored")
+#: Sub-folder of the data directory holding each run's report files.
+REPORTS_DIR: Final = "evaluations"
+#: Seconds between progress writes to the database.
+PROGRESS_INTERVAL_S: Final = 0.5
+# Rows per IN (...) query of the cache.
+_CHUNK: Final = 500
+
+
+class EvaluationBusyError(ProblemError):
+    """Another evaluation is running in this service: a 409 problem."""
+
+    def __init__(self, run_id: int) -> None:
+        super().__init__(
+            409,
+            "evaluation_running",
+            f"evaluation {run_id} is still running; one evaluation runs at a time",
+        )
+        self.run_id = run_id
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """What to evaluate; ``protocol`` decides which fields apply.
+
+    ``root``/``protocol_dir``: chexpert-8x200. ``manifest``: manifest. ``categories``,
+    ``candidates_per_category``, ``queries_per_category``, ``seed`` and ``text_queries``
+    (category, text) pairs: manifest and stored (built-in queries when empty).
+    """
+
+    protocol: str
+    root: str | None = None
+    protocol_dir: str | None = None
+    manifest: str | None = None
+    categories: tuple[str, ...] | None = None
+    candidates_per_category: int = 200
+    queries_per_category: int = 10
+    text_queries: tuple[tuple[str, str], ...] = ()
+    seed: int = 0
+    ks: tuple[int, ...] = (5, 10, 50)
+    backbone: bool = True
+    random_repeats: int = 20
+
+    def params(self) -> dict[str, Any]:
+        """The request as stored with the run (JSON)."""
+        out: dict[str, Any] = {
+            "ks": list(self.ks),
+            "backbone": self.backbone,
+            "random_repeats": self.random_repeats,
+            "seed": self.seed,
+        }
+        if self.protocol == "chexpert-8x200":
+            out.update(root=self.root, protocol_dir=self.protocol_dir)
+        else:
+            out.update(
+                categories=list(self.categories) if self.categories else None,
+                candidates_per_category=self.candidates_per_category,
+                queries_per_category=self.queries_per_category,
+                text_queries=[list(q) for q in self.text_queries] or "built-in",
+            )
+            if self.protocol == "manifest":
+                out["manifest"] = self.manifest
+        return out
+
+
+class DatabaseEmbeddingCache:
+    """:class:`model.evaluation.cache.EmbeddingCache` on the ``embedding_cache`` table."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def get_many(self, model_id: str, content_hashes: Sequence[str]) -> dict[str, FloatArray]:
+        wanted = list(dict.fromkeys(content_hashes))
+        found: dict[str, FloatArray] = {}
+        with self.sessions() as session:
+            for start in range(0, len(wanted), _CHUNK):
+                rows = session.scalars(
+                    select(CachedEmbedding).where(
+                        CachedEmbedding.model_id == model_id,
+                        CachedEmbedding.content_hash.in_(wanted[start : start + _CHUNK]),
+                    )
+                )
+                for row in rows:
+                    found[row.content_hash] = row.as_array()  # (dim,)
+        return found
+
+    def put_many(self, model_id: str, vectors: Mapping[str, FloatArray]) -> None:
+        with self.sessions() as session, session.begin():
+            for key, vector in vectors.items():
+                # merge: an entry written by an earlier, interrupted run is replaced.
+                session.merge(CachedEmbedding.from_vector(model_id, key, vector))
+
+
+@dataclass
+class _Job:
+    run_id: int
+    thread: threading.Thread
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class EvaluationJobs:
+    """The evaluation runner of one app (``app.state.evaluations``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._job: _Job | None = None
+        self._recovered = False
+
+    # -- queries -------------------------------------------------------------------------
+
+    def running_id(self) -> int | None:
+        """Id of the run in progress in this process, if any."""
+        with self._lock:
+            job = self._job
+            return job.run_id if job is not None and job.thread.is_alive() else None
+
+    def recover(self, sessions: sessionmaker[Session]) -> None:
+        """Mark runs another (stopped) process left unfinished as failed; once per process."""
+        with self._lock:
+            if self._recovered:
+                return
+            self._recovered = True
+            live = self._job.run_id if self._job is not None else None
+        with sessions() as session, session.begin():
+            stale = session.scalars(
+                select(EvaluationRun).where(EvaluationRun.status.in_(("queued", "running")))
+            ).all()
+            for run in stale:
+                if run.id == live:
+                    continue
+                run.status = "failed"
+                run.error = "interrupted: the service stopped before the run finished"
+                run.finished_at = utcnow()
+                logger.warning("evaluation %d was interrupted by a service stop", run.id)
+
+    # -- submission ----------------------------------------------------------------------
+
+    def submit(self, runtime: Runtime, request: EvaluationRequest) -> EvaluationRun:
+        """Validate, store a queued run and start it; returns the stored row.
+
+        Raises :class:`EvaluationBusyError` while another run is in progress and a
+        :class:`model.errors.ModelError` (``image_missing``, ``category_absent``,
+        ``not_enough_images``…) for a request that cannot be evaluated.
+        """
+        self.recover(runtime.sessions)
+        with self._lock:
+            if self._job is not None and self._job.thread.is_alive():
+                raise EvaluationBusyError(self._job.run_id)
+            protocol, root = self._protocol(runtime, request)
+            options = EvaluationOptions(
+                ks=request.ks,
+                backbone=request.backbone,
+                random_repeats=request.random_repeats,
+                seed=request.seed,
+            )
+            with runtime.sessions() as session, session.begin():
+                run = EvaluationRun(
+                    model_id=runtime.bundle.model_id,
+                    protocol=request.protocol,
+                    params=request.params(),
+                    status="queued",
+                    progress=0.0,
+                )
+                session.add(run)
+                session.flush()
+                session.expunge(run)
+            run_id = run.id
+            cancel = threading.Event()
+            thread = threading.Thread(
+                target=self._work,
+                args=(runtime, run_id, protocol, root, options, cancel),
+                name=f"evaluation-{run_id}",
+                daemon=True,
+            )
+            self._job = _Job(run_id=run_id, thread=thread, cancel=cancel)
+            thread.start()
+        logger.info("evaluation %d queued (%s)", run_id, request.protocol)
+        return run
+
+    def cancel(self, timeout: float | None = None) -> None:
+        """Ask the running evaluation to stop and wait up to ``timeout`` seconds for it."""
+        with self._lock:
+            job = self._job
+        if job is not None:
+            job.cancel.set()
+            job.thread.join(timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the running evaluation; True when none is running afterwards."""
+        with self._lock:
+            job = self._job
+        if job is None:
+            return True
+        job.thread.join(timeout)
+        return not job.thread.is_alive()
+
+    def _protocol(
+        self, runtime: Runtime, request: EvaluationRequest
+    ) -> tuple[RetrievalProtocol, Path | None]:
+        if request.protocol == "chexpert-8x200":
+            if not request.root:
+                raise ProblemError(422, "invalid_request", "chexpert-8x200 needs the CheXpert root")
+            chexpert_root = Path(request.root)
+            protocol_dir = request.protocol_dir or find_protocol_dir(chexpert_root)
+            official = read_chexpert_8x200(protocol_dir)
+            validate_protocol(official, chexpert_root)
+            return official, chexpert_root
+        categories = list(request.categories or ())
+        if not categories:
+            from model.labels import CHEXPERT_8X200_CATEGORIES
+
+            categories = list(CHEXPERT_8X200_CATEGORIES)
+        queries = (
+            [
+                TextQuery(category=c, text=t, where=f"text query {i}")
+                for i, (c, t) in enumerate(request.text_queries, 1)
+            ]
+            if request.text_queries
+            else default_text_queries(categories)
+        )
+        root: Path | None
+        if request.protocol == "manifest":
+            if not request.manifest:
+                raise ProblemError(422, "invalid_request", "the manifest protocol needs a manifest")
+            images = manifest_images(request.manifest)
+            root = None
+        else:
+            images = self._stored_images(runtime.sessions)
+            root = runtime.store.root
+        protocol = sample_protocol(
+            images,
+            categories,
+            candidates_per_category=request.candidates_per_category,
+            queries_per_category=request.queries_per_category,
+            seed=request.seed,
+            text_queries=queries,
+            name=request.protocol,
+        )
+        validate_protocol(protocol, root)
+        return protocol, root
+
+    @staticmethod
+    def _stored_images(sessions: sessionmaker[Session]) -> list[LabelledImage]:
+        with sessions() as session:
+            rows = session.execute(
+                select(Image.id, Image.image_path, Image.labels).order_by(Image.id)
+            ).all()
+        return [
+            LabelledImage(path=path, labels=dict(labels or {}), where=f"stored image {image_id}")
+            for image_id, path, labels in rows
+        ]
+
+    # -- the worker ----------------------------------------------------------------------
+
+    def _update(self, sessions: sessionmaker[Session], run_id: int, **values: Any) -> None:
+        with sessions() as session, session.begin():
+            run = session.get(EvaluationRun, run_id)
+            if run is not None:
+                for key, value in values.items():
+                    setattr(run, key, value)
+
+    def _work(
+        self,
+        runtime: Runtime,
+        run_id: int,
+        protocol: RetrievalProtocol,
+        root: Path | None,
+        options: EvaluationOptions,
+        cancel: threading.Event,
+    ) -> None:
+        sessions = runtime.sessions
+        last_write = [0.0]
+
+        def progress(fraction: float, stage: str) -> None:
+            now = time.monotonic()
+            if now - last_write[0] >= PROGRESS_INTERVAL_S and fraction < 1.0:
+                last_write[0] = now
+                self._update(sessions, run_id, progress=min(max(fraction, 0.0), 0.99))
+
+        try:
+            self._update(sessions, run_id, status="running", started_at=utcnow())
+            result = run_evaluation(
+                protocol,
+                runtime.bundle,
+                root=root,
+                cache=DatabaseEmbeddingCache(sessions),
+                options=options,
+                progress=progress,
+                cancel=cancel,
+                model_name=runtime.bundle.name,
+            )
+            from model.evaluation.report import write_report
+
+            report_dir = runtime.settings.data_dir / REPORTS_DIR / str(run_id)
+            write_report(result, report_dir)
+            document = result.to_dict()
+            document["report_dir"] = f"{REPORTS_DIR}/{run_id}"
+            self._update(
+                sessions,
+                run_id,
+                status="succeeded",
+                progress=1.0,
+                results=document,
+                finished_at=utcnow(),
+            )
+            logger.info("evaluation %d succeeded in %.1f s", run_id, result.seconds)
+        except EvaluationCancelled:
+            self._finish_failed(sessions, run_id, "cancelled: the service is stopping")
+        except ModelError as exc:
+            logger.warning("evaluation %d failed (%s): %s", run_id, exc.code, exc)
+            self._finish_failed(sessions, run_id, f"{exc.code}: {exc}")
+        except Exception:
+            logger.exception("evaluation %d failed", run_id)
+            self._finish_failed(sessions, run_id, "internal error; see the service log")
+
+    def _finish_failed(self, sessions: sessionmaker[Session], run_id: int, error: str) -> None:
+        try:
+            self._update(sessions, run_id, status="failed", error=error, finished_at=utcnow())
+        except Exception:
+            # The database itself failed: the next process marks the run interrupted.
+            logger.exception("could not record the failure of evaluation %d", run_id)
+
+
+def run_duration(run: EvaluationRun) -> float | None:
+    """Seconds from start to finish (or to now while running); None before it starts."""
+    if run.started_at is None:
+        return None
+    end = run.finished_at or dt.datetime.now(dt.UTC)
+    return (end - run.started_at).total_seconds()
