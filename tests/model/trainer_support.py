@@ -78,3 +78,37 @@ def tiny_config(
             *overrides,
         ],
     )
+
+
+def unique_sentence_manifest(source: Path, out_dir: Path, n_train: int, n_val: int) -> Path:
+    """A manifest of the first studies of ``source`` whose reports are one unique sentence.
+
+    Synthetic reports share most sentences ("No acute fracture."), so a few steps on them
+    barely move the loss; with one distinct sentence per study the pairs can be fitted, which
+    is what a smoke test of the optimisation needs to see.
+    """
+    import dataclasses
+
+    from model.manifest import read_manifest, write_manifest
+
+    records = read_manifest(source)[: n_train + n_val]
+    rewritten = [
+        dataclasses.replace(
+            record,
+            report=f"Study {record.study_id} of patient {record.patient_id}.",
+            split="train" if i < n_train else "validate",
+        )
+        for i, record in enumerate(records)
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_manifest(rewritten, out_dir / "manifest.csv")
+
+
+#: Overrides that turn every augmentation off (deterministic inputs for fitting checks).
+NO_AUGMENT = (
+    "augment.crop_p=0",
+    "augment.hflip_p=0",
+    "augment.affine_p=0",
+    "augment.jitter_p=0",
+    "augment.blur_p=0",
+)
