@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -163,19 +164,19 @@ def test_a_few_steps_on_real_pairs_lower_the_loss(model: ConVIRT, shared_dir: Pa
     frozen_before = word_embeddings.detach().clone()
 
     def evaluate() -> float:
-        trainee.eval()
         with torch.no_grad():
             return loss_fn(*trainee(batch, tokens)).item()
 
-    before = evaluate()
+    # Eval mode (no dropout, fixed batch-norm statistics) makes each step descend exactly
+    # the objective measured, so the check does not hinge on the heads' random init.
+    trainee.eval()
+    history = [evaluate()]
     optimizer = torch.optim.Adam([p for p in trainee.parameters() if p.requires_grad], lr=1e-4)
     for _ in range(3):
-        trainee.train()
         optimizer.zero_grad()
         loss_fn(*trainee(batch, tokens)).backward()
         optimizer.step()
-    after = evaluate()
-    assert after < before
-    assert torch.equal(
-        trainee.text_encoder.encoder.embeddings.word_embeddings.weight, frozen_before
-    )
+        history.append(evaluate())
+    assert all(later < earlier for earlier, later in itertools.pairwise(history))
+    assert history[-1] < 0.8 * history[0]
+    assert torch.equal(word_embeddings, frozen_before)
