@@ -32,5 +32,10 @@ test: lint typecheck
 test-quick: lint typecheck
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
+# The demo: synthetic corpus, a small CPU training, ingest, then the API and the web page
+# on http://127.0.0.1:8000 (first run within 15 minutes on 2 cores; later runs reuse it all).
+demo: $(STAMP)
+	$(VENV)/bin/convirt demo
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
