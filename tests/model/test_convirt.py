@@ -152,6 +152,7 @@ def test_gradients_reach_every_trainable_parameter_and_no_frozen_one(model: ConV
     assert all(p.grad is None for p in trainee.parameters() if not p.requires_grad)
 
 
+@pytest.mark.slow  # ~10 s of CPU: four forward passes and three optimizer steps on both towers
 def test_a_few_steps_on_real_pairs_lower_the_loss(model: ConVIRT, shared_dir: Path) -> None:
     torch.manual_seed(0)
     images, texts = _kermany(shared_dir)
