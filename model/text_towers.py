@@ -25,12 +25,19 @@ from torch import nn
 
 from model.config import InvalidConfigError, TextTowerConfig
 from model.efficientnet_lite import WeightsUnavailableError
+from model.errors import ModelError
 from model.image_towers import is_local_path
 
 logger = logging.getLogger(__name__)
 
 #: Where transformer layers live in the BERT family (BERT/RoBERTa/ELECTRA, DistilBERT, …).
 _LAYER_PATHS = ("encoder.layer", "transformer.layer", "encoder.layers", "layers")
+
+
+class TextInputError(ModelError):
+    """Texts given to the tokenizer are not a sequence of strings."""
+
+    code = "invalid_text_input"
 
 
 def default_text_model_dir() -> Path:
@@ -124,8 +131,8 @@ class TextTower(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Token ids and attention mask, both (B, T): padded to the longest, cut at max_length."""
-        if isinstance(texts, str):
-            raise InvalidConfigError("tokenize expects a sequence of texts, not one string")
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TextInputError("tokenize expects a sequence of strings")
         encoded = self.tokenizer(
             list(texts),
             padding=True,

@@ -23,6 +23,7 @@ from model.efficientnet_lite import (
 )
 from model.image_towers import EfficientNetLiteTower, HFImageTower, build_image_tower
 from model.text_towers import (
+    TextInputError,
     TextTower,
     default_text_model_dir,
     masked_max_pool,
@@ -256,8 +257,11 @@ def test_tokenize_pads_to_the_longest_and_truncates_at_max_length(max_tower: Tex
     assert set(tokens) == {"input_ids", "attention_mask"}
     assert tokens["input_ids"].shape == (2, 128)
     assert int(tokens["attention_mask"][1].sum()) == 128
-    with pytest.raises(InvalidConfigError):
+    with pytest.raises(TextInputError) as info:
         max_tower.tokenize("one string")
+    assert info.value.code == "invalid_text_input"
+    with pytest.raises(TextInputError):
+        max_tower.tokenize(["fine", None])  # type: ignore[list-item]
 
 
 def _count(module: torch.nn.Module, trainable: bool) -> int:
