@@ -113,7 +113,6 @@ def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.encode_limiter = anyio.CapacityLimiter(settings.encode_concurrency)
         await anyio.to_thread.run_sync(_start_runtime, app, settings, bundle)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_maintenance_loop, app, settings, bundle)

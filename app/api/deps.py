@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-import anyio
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
@@ -52,11 +51,6 @@ def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
-def get_encode_limiter(request: Request) -> anyio.CapacityLimiter:
-    limiter: anyio.CapacityLimiter = request.app.state.encode_limiter
-    return limiter
-
-
 def get_ingest(runtime: Annotated[Runtime, Depends(get_runtime)]) -> IngestService:
     return runtime.ingest
 
@@ -69,6 +63,5 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[Runtime, Depends(get_runtime)]
 SessionDep = Annotated[Session, Depends(get_session)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-EncodeLimiterDep = Annotated[anyio.CapacityLimiter, Depends(get_encode_limiter)]
 IngestDep = Annotated[IngestService, Depends(get_ingest)]
 RetrievalDep = Annotated[RetrievalService, Depends(get_retrieval)]

@@ -9,7 +9,7 @@ import anyio
 from fastapi import APIRouter, Depends, File, Form, Path, Request, Response, UploadFile
 from fastapi.responses import FileResponse
 
-from app.api.deps import EncodeLimiterDep, ServiceDep, SessionDep, SettingsDep
+from app.api.deps import ServiceDep, SessionDep, SettingsDep
 from app.api.uploads import field_problem, parse_labels, read_upload, require_content_type
 from app.errors import MODEL_ERROR_STATUS, ProblemError, problem_responses
 from app.models import Image
@@ -102,7 +102,6 @@ async def upload_images(
     request: Request,
     runtime: ServiceDep,
     settings: SettingsDep,
-    limiter: EncodeLimiterDep,
     files: Annotated[
         list[UploadFile],
         File(description="One or more DICOM, PNG or JPEG files (field name ``files``)."),
@@ -182,8 +181,8 @@ async def upload_images(
         )
         for i, upload in enumerate(files)
     ]
-    # Decoding and encoding are CPU-bound: off the event loop, within the encode slots.
-    outcomes = await anyio.to_thread.run_sync(runtime.ingest.ingest, items, limiter=limiter)
+    # Decoding and encoding are CPU-bound: off the event loop, on the inference threads.
+    outcomes = await runtime.infer(runtime.ingest.ingest, items)
     results = [_result(i, outcome) for i, outcome in enumerate(outcomes)]
     counts = {s: sum(r.status == s for r in results) for s in ("created", "existing", "failed")}
     logger.info("upload of %d files: %s", n_files, counts)

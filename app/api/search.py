@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from app.api.deps import EncodeLimiterDep, ServiceDep, SettingsDep
+from app.api.deps import ServiceDep, SettingsDep
 from app.api.images import thumbnail_url
 from app.api.uploads import field_problem, parse_json_field, read_upload, require_content_type
 from app.errors import ProblemError, problem_responses
@@ -90,7 +90,6 @@ async def search_text(
     request: Request,
     runtime: ServiceDep,
     settings: SettingsDep,
-    limiter: EncodeLimiterDep,
 ) -> SearchPublic:
     """Up to ``k`` images ranked by similarity to the query, best first.
 
@@ -108,10 +107,12 @@ async def search_text(
     if not query:
         raise ProblemError(422, "empty_query", "the query is empty")
     k = _check_k(body.k, settings)
-    vector = await anyio.to_thread.run_sync(_encode_text, runtime, query, limiter=limiter)
-    hits = await anyio.to_thread.run_sync(
-        lambda: runtime.retrieval.search(vector, k, filters=_filters(body.filters))
-    )
+    filters = _filters(body.filters)
+
+    def encode_and_search() -> list[Hit]:
+        return runtime.retrieval.search(_encode_text(runtime, query), k, filters=filters)
+
+    hits = await runtime.infer(encode_and_search)
     return _response(request, runtime, k, hits, start)
 
 
@@ -182,7 +183,6 @@ async def search_image(
     request: Request,
     runtime: ServiceDep,
     settings: SettingsDep,
-    limiter: EncodeLimiterDep,
 ) -> SearchPublic:
     """Up to ``k`` images ranked by similarity to an example image, best first.
 
@@ -194,52 +194,65 @@ async def search_image(
     """
     start = time.perf_counter()
     media_type = require_content_type(request, _JSON, _MULTIPART)
-    exclude_id: int | None = None
     if media_type == _JSON:
-        try:
-            payload = await request.json()
-        except ValueError as exc:
-            raise RequestValidationError(
-                [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]
-            ) from exc
-        body: ImageSearchCreate = _validated(ImageSearchCreate, payload, ("body",))
-        k = _check_k(body.k, settings)
-        filters = _filters(body.filters)
-        vector = await anyio.to_thread.run_sync(runtime.retrieval.stored_vector, body.image_id)
-        if vector is None:
-            exists = await anyio.to_thread.run_sync(runtime.retrieval.image_exists, body.image_id)
-            if not exists:
-                raise ProblemError(404, "image_not_found", f"no image with id {body.image_id}")
-            raise ProblemError(
-                409,
-                "image_not_embedded",
-                f"image {body.image_id} has no vector under the current model yet",
-            )
-        exclude_id = body.image_id
+        k, hits = await _search_by_id(request, runtime, settings)
     else:
-        async with request.form(max_files=1, max_fields=8) as form:
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise field_problem(["body", "file"], "a file field 'file' is required", "missing")
-            raw_k = form.get("k")
-            raw_filters = form.get("filters")
-            try:
-                k = int(raw_k) if isinstance(raw_k, str) and raw_k.strip() else 10
-            except ValueError as exc:
-                raise field_problem(["body", "k"], "k must be an integer", "int_parsing") from exc
-            k = _check_k(k, settings)
-            filters = None
-            if isinstance(raw_filters, str) and raw_filters.strip():
-                parsed = parse_json_field(raw_filters, ["body", "filters"])
-                filters = _filters(_validated(SearchFilters, parsed, ("body", "filters")))
-            data = await read_upload(upload, settings.max_upload_bytes)
-
-        def embed() -> npt.NDArray[np.float32]:
-            decoded = runtime.ingest.decode(IngestItem(data=data))
-            return runtime.ingest.encode([decoded])[0]  # (D,)
-
-        vector = await anyio.to_thread.run_sync(embed, limiter=limiter)
-    hits = await anyio.to_thread.run_sync(
-        lambda: runtime.retrieval.search(vector, k, filters=filters, exclude_id=exclude_id)
-    )
+        k, hits = await _search_by_upload(request, runtime, settings)
     return _response(request, runtime, k, hits, start)
+
+
+async def _search_by_id(
+    request: Request, runtime: Runtime, settings: Settings
+) -> tuple[int, list[Hit]]:
+    try:
+        payload = await request.json()
+    except ValueError as exc:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]
+        ) from exc
+    body: ImageSearchCreate = _validated(ImageSearchCreate, payload, ("body",))
+    k = _check_k(body.k, settings)
+    filters = _filters(body.filters)
+    # A stored image needs no inference: its vector is read, the search needs no model.
+    stored = await anyio.to_thread.run_sync(runtime.retrieval.stored_vector, body.image_id)
+    if stored is None:
+        exists = await anyio.to_thread.run_sync(runtime.retrieval.image_exists, body.image_id)
+        if not exists:
+            raise ProblemError(404, "image_not_found", f"no image with id {body.image_id}")
+        raise ProblemError(
+            409,
+            "image_not_embedded",
+            f"image {body.image_id} has no vector under the current model yet",
+        )
+    hits = await anyio.to_thread.run_sync(
+        lambda: runtime.retrieval.search(stored, k, filters=filters, exclude_id=body.image_id)
+    )
+    return k, hits
+
+
+async def _search_by_upload(
+    request: Request, runtime: Runtime, settings: Settings
+) -> tuple[int, list[Hit]]:
+    async with request.form(max_files=1, max_fields=8) as form:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise field_problem(["body", "file"], "a file field 'file' is required", "missing")
+        raw_k = form.get("k")
+        raw_filters = form.get("filters")
+        try:
+            k = int(raw_k) if isinstance(raw_k, str) and raw_k.strip() else 10
+        except ValueError as exc:
+            raise field_problem(["body", "k"], "k must be an integer", "int_parsing") from exc
+        k = _check_k(k, settings)
+        filters = None
+        if isinstance(raw_filters, str) and raw_filters.strip():
+            parsed = parse_json_field(raw_filters, ["body", "filters"])
+            filters = _filters(_validated(SearchFilters, parsed, ("body", "filters")))
+        data = await read_upload(upload, settings.max_upload_bytes)
+
+    def embed_and_search() -> list[Hit]:
+        decoded = runtime.ingest.decode(IngestItem(data=data))
+        vector = runtime.ingest.encode([decoded])[0]  # (D,)
+        return runtime.retrieval.search(vector, k, filters=filters)
+
+    return k, await runtime.infer(embed_and_search)

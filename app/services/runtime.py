@@ -8,9 +8,13 @@ worker thread.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, ParamSpec, TypeVar
 
 import numpy as np
 from sqlalchemy import Engine, func, select
@@ -34,6 +38,9 @@ from app.settings import Settings
 from model.bundle import EncoderBundle
 
 logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 #: Readiness outcomes that are not "ready", with their problem codes.
 NOT_READY_DATABASE: Final = "database_unavailable"
@@ -84,6 +91,13 @@ class Runtime:
             sessions=sessions, index=index, metrics=metrics, model_id=bundle.model_id
         )
         metrics.index_vectors.set_function(lambda: index.ntotal)
+        # Model inference runs on these few threads only: the pool size bounds how many
+        # inferences run at once, and torch's and FAISS's OpenMP thread teams, which are
+        # made per calling thread, stay as few as the pool's threads instead of one team
+        # per worker of a general-purpose pool (oversubscribing the cores).
+        self.inference = ThreadPoolExecutor(
+            max_workers=settings.encode_concurrency, thread_name_prefix="convirt-inference"
+        )
 
     @classmethod
     def start(
@@ -200,9 +214,16 @@ class Runtime:
         logger.info("image %d deleted", image_id)
         return True
 
+    async def infer(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn`` (model inference, and the search that follows it) on an inference
+        thread, off the event loop; waits for a free thread when all are busy."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.inference, functools.partial(fn, *args, **kwargs))
+
     def close(self) -> None:
-        """Save unsaved index changes and release the database connections."""
+        """Finish running inferences, save unsaved index changes, release the database."""
         try:
+            self.inference.shutdown(wait=True)
             if self.index.stale_reason is None:
                 self.index.save_if_dirty()
         finally:

@@ -213,6 +213,7 @@ def test_reindex_command_reembeds_every_image(
         assert_consistent(runtime)
 
 
+@pytest.mark.slow
 def test_ingest_command_loads_a_directory_and_is_rerunnable(
     tmp_path: Path,
     settings: Settings,

@@ -1,12 +1,14 @@
 """POST /search/text and /search/image through HTTP, checked against brute force.
 
-The oracle is exact: the query's embedding (from the same bundle) dotted with every
+The collection is uploaded once per backend (the searches change nothing). The oracle
+is exact: the query's embedding (from the same bundle) dotted with every
 stored vector read from the database; the API must return the same ranking (ties
 tolerated by comparing scores, not only ids).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,14 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from psycopg import sql
 from sqlalchemy import select
 
 import app.services.retrieval as retrieval
 from app.models import Embedding, Image
 from app.services.runtime import Runtime
 from model.bundle import EncoderBundle
+from tests.app.conftest import PostgresServer
 from tests.app.service_support import (
     bundle,
     bundle_dir,
@@ -36,16 +40,39 @@ __all__ = ["bundle", "bundle_dir", "kermany_images"]
 QUERY = "right lower lobe consolidation consistent with pneumonia"
 
 
-@pytest.fixture
+@pytest.fixture(
+    scope="module",
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
+)
+def search_database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """One database per backend for the whole module: searching changes nothing."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('search-db') / 'convirt.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    name = f"search_{uuid.uuid4().hex[:12]}"
+    with server.admin_connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield server.url(name)
+    with server.admin_connect() as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(scope="module")
 def client(
-    tmp_path: Path,
-    database_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    search_database_url: str,
     bundle_dir: Path,
     bundle: EncoderBundle,
     kermany_images: list[tuple[bytes, dict[str, float | None]]],
 ) -> Iterator[TestClient]:
     """An app holding the 16 Kermany radiographs, views alternating PA/AP."""
-    settings = make_settings(tmp_path / "data", database_url, bundle_dir)
+    data_dir = tmp_path_factory.mktemp("search-data")
+    settings = make_settings(data_dir, search_database_url, bundle_dir)
     with running_app(settings, bundle) as client:
         files = [data for data, _ in kermany_images]
         labels = [_json(labels) for _, labels in kermany_images]
