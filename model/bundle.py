@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -359,17 +360,29 @@ class EncoderBundle:
         self,
         items: Sequence[Any],
         batch_size: int,
-        encode: Callable[[Sequence[Any]], torch.Tensor],
+        prepare: Callable[[Sequence[Any]], Any],
+        encode: Callable[[Any], torch.Tensor],
         width: Callable[[], int],
     ) -> FloatArray:
+        """Run ``encode(prepare(batch))`` over batches; (N, width) float32.
+
+        ``prepare`` (CPU preprocessing or tokenization) of the next batch runs in a helper
+        thread while the model encodes the current one, so preprocessing time hides behind
+        the forward pass instead of adding to it.
+        """
         if batch_size < 1:
             raise BundleError(f"batch_size must be positive, got {batch_size}")
         if len(items) == 0:
             return np.zeros((0, width()), dtype=np.float32)
+        batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
         chunks = []
-        with torch.inference_mode():
-            for start in range(0, len(items), batch_size):
-                out = encode(items[start : start + batch_size])  # (b, width)
+        with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
+            pending = pool.submit(prepare, batches[0])
+            for index in range(len(batches)):
+                ready = pending.result()
+                if index + 1 < len(batches):
+                    pending = pool.submit(prepare, batches[index + 1])
+                out = encode(ready)  # (b, width)
                 chunks.append(out.float().cpu().numpy())
         return np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)
 
@@ -388,11 +401,11 @@ class EncoderBundle:
             float32 (N, dim), each row L2-normalised.
         """
 
-        def encode(batch: Sequence[np.ndarray]) -> torch.Tensor:
-            embeddings = self.model.encode_image(self._images(batch), normalize=True)  # (b, D)
+        def encode(ready: torch.Tensor) -> torch.Tensor:
+            embeddings = self.model.encode_image(ready, normalize=True)  # (b, D)
             return _renormalise(embeddings)
 
-        return self._batched(images, batch_size, encode, lambda: self.dim)
+        return self._batched(images, batch_size, self._images, encode, lambda: self.dim)
 
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 64) -> FloatArray:
         """Embed free-text queries or report sentences.
@@ -403,14 +416,15 @@ class EncoderBundle:
         if isinstance(texts, str):
             raise BundleError("encode_texts takes a list of strings, not one string")
 
-        def encode(batch: Sequence[str]) -> torch.Tensor:
+        def prepare(batch: Sequence[str]) -> dict[str, torch.Tensor]:
             with self._tokenizer_lock:
-                tokens = self.model.tokenize(list(batch))
-            tokens = {k: v.to(self.device) for k, v in tokens.items()}
-            embeddings = self.model.encode_text(tokens, normalize=True)  # (b, D)
-            return _renormalise(embeddings)
+                tokens = self.model.tokenize(list(batch))  # (b, T) each
+            return {k: v.to(self.device) for k, v in tokens.items()}
 
-        return self._batched(texts, batch_size, encode, lambda: self.dim)
+        def encode(tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+            return _renormalise(self.model.encode_text(tokens, normalize=True))  # (b, D)
+
+        return self._batched(texts, batch_size, prepare, encode, lambda: self.dim)
 
     def image_backbone_features(
         self, images: Sequence[np.ndarray], *, batch_size: int = 32, normalize: bool = True
@@ -427,11 +441,11 @@ class EncoderBundle:
             with torch.inference_mode():
                 return int(self.model.image_backbone_features(self._images([probe])).shape[-1])
 
-        def encode(batch: Sequence[np.ndarray]) -> torch.Tensor:
-            features = self.model.image_backbone_features(self._images(batch)).float()  # (b, F)
+        def encode(ready: torch.Tensor) -> torch.Tensor:
+            features = self.model.image_backbone_features(ready).float()  # (b, F)
             return _renormalise(features) if normalize else features
 
-        return self._batched(images, batch_size, encode, width)
+        return self._batched(images, batch_size, self._images, encode, width)
 
 
 def _renormalise(vectors: torch.Tensor) -> torch.Tensor:
