@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any, Final
 
 from fastapi import Request
@@ -12,7 +11,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import Problem, ProblemError, ProblemFieldError, problem_response
+from app.errors import ProblemError, ProblemFieldError, problem_response
 
 #: Bytes read from an upload per step: bounded memory whatever the file's size.
 CHUNK_BYTES: Final = 1024 * 1024
@@ -125,15 +124,3 @@ def parse_json_field(raw: str, loc: list[str | int]) -> Any:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
         raise field_problem(loc, "not valid JSON", "json_invalid") from exc
-
-
-def problem_of(error: ProblemError, instance: str | None = None) -> Problem:
-    return error.to_problem(instance)
-
-
-def problem_for_code(
-    status_by_code: Mapping[str, int], code: str, detail: str, default: int = 422
-) -> Problem:
-    """A problem for a ModelError code inside a batch result (not raised, reported)."""
-    status = status_by_code.get(code, default)
-    return ProblemError(status, code, detail).to_problem()

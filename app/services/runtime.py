@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -118,6 +119,8 @@ class Runtime:
             upgrade_database(settings.database_url)
             sessions = session_factory(engine)
             if bundle is None:
+                # The bundle carries its tokenizer and weights: nothing may come from a hub.
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
                 bundle = EncoderBundle.load(settings.bundle_dir)
             logger.info("encoder bundle %s (dim %d) loaded", bundle.model_id, bundle.dim)
             store = ImageStore(

@@ -263,3 +263,33 @@ def test_serve_refuses_an_open_address_without_keys(tmp_path: Path) -> None:
     assert cli_main(args) == 2
     # Nothing was created: it refused before building the app.
     assert not (tmp_path / "data").exists()
+
+
+def test_changes_are_saved_by_maintenance(client: TestClient, settings: Settings) -> None:
+    runtime = runtime_of(client)
+    image_id = upload(client, [noise_png(14)]).json()["results"][0]["id"]
+    assert runtime.index.dirty
+    runtime.maintain()
+    assert not runtime.index.dirty
+    saved = VectorIndex.load(settings.index_dir, expected_model_id=runtime.bundle.model_id)
+    assert saved.ids().tolist() == [image_id]
+
+
+def test_openapi_documents_routes_errors_and_keys(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    paths = document["paths"]
+    for path in ("/images", "/images/{image_id}", "/images/{image_id}/thumbnail"):
+        assert path in paths
+    for path in ("/search/text", "/search/image", "/health", "/ready", "/metrics"):
+        assert path in paths
+    upload_responses = paths["/images"]["post"]["responses"]
+    assert set(upload_responses) >= {"201", "413", "415", "422"}
+    assert "application/problem+json" in upload_responses["415"]["content"]
+    image_body = paths["/search/image"]["post"]["requestBody"]["content"]
+    assert set(image_body) == {"application/json", "multipart/form-data"}
+    assert "image_id" in image_body["application/json"]["schema"]["properties"]
+    schemes = document["components"]["securitySchemes"]
+    assert {scheme["type"] for scheme in schemes.values()} == {"apiKey", "http"}
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    assert "swagger" in docs.text.lower()
