@@ -164,7 +164,9 @@ def _check_vectors(vectors: npt.ArrayLike, dim: int, what: str) -> FloatArray:
     # NaN or ±inf makes a squared norm non-finite and every comparison below false, so the
     # norm test covers finiteness too.
     if x.shape[0] == 1:
-        row_sq = float(x[0] @ x[0])
+        # np.dot on two 1-D rows skips the ufunc machinery: ~0.5 µs against ~5-10 µs for
+        # einsum or a reduction, which matters on the single-query path.
+        row_sq = float(np.dot(x[0], x[0]))
         ok = abs(row_sq - 1.0) <= NORM_TOLERANCE
     elif x.shape[0] == 0:
         ok = True
@@ -763,8 +765,10 @@ class VectorIndex:
                 labels = self._labels[labels]  # (Q, k) slots → ids
         finally:
             self._lock.release_read()
-        # FAISS sorts results, so padding sits at the end of a row: one column tells.
-        if labels[:, -1].min() < 0:
+        # FAISS sorts results, so padding sits at the end of a row: one column tells (and a
+        # scalar read is far cheaper than a reduction for the common single query).
+        padded = labels[0, -1] < 0 if labels.shape[0] == 1 else labels[:, -1].min() < 0
+        if padded:
             scores[labels < 0] = -np.inf
         return scores, labels
 
