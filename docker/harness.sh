@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# Prove the compose stack on this machine, with no Docker Hub:
+#
+#   docker/harness.sh            # from anywhere; needs docker, docker-compose (or compose v2)
+#
+#  1. a local base image: debootstrap + docker import (docker/make-base-image.sh, cached);
+#  2. a local PostgreSQL image on it (docker/postgres/Dockerfile);
+#  3. the service image, built by compose from docker/Dockerfile on that base, with the
+#     machine's CPU torch wheel and CA bundle in the build context when it has them;
+#  4. `up -d`, wait for the api healthcheck and /ready, then upload an image and search
+#     (docker/harness_check.py exercise);
+#  5. `down` (volumes kept) + `up -d`: the data must have survived (harness_check verify);
+#  6. tear down: `down -v`, and remove the images it built unless KEEP_IMAGES=1.
+#
+# The last line on stdout is a JSON object with the timings (seconds) and image sizes
+# (bytes). Any failure prints the stack's logs and exits non-zero; cleanup runs either way.
+#
+# Environment:
+#   KEEP_IMAGES=1         keep the built images (the next run reuses their layers)
+#   HARNESS_PROJECT       compose project name (convirt-harness)
+#   HARNESS_DEMO_N        demo corpus size asked of the entrypoint (64)
+#   HARNESS_DEMO_TIME_BUDGET  demo training budget in seconds (45)
+#   HARNESS_UP_TIMEOUT_S  first start, up to ready (1200); HARNESS_RESTART_TIMEOUT_S (300)
+#   CACHE_DIR             base root file system cache (/tmp/convirt-docker-cache)
+#   TORCH_WHEEL           a CPU torch wheel to build with (default: looked for under /opt)
+#   COMPOSE               compose command (default: `docker compose` if present, else docker-compose)
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+PROJECT="${HARNESS_PROJECT:-convirt-harness}"
+KEEP_IMAGES="${KEEP_IMAGES:-0}"
+CACHE_DIR="${CACHE_DIR:-/tmp/convirt-docker-cache}"
+DEMO_N="${HARNESS_DEMO_N:-64}"
+DEMO_TIME_BUDGET="${HARNESS_DEMO_TIME_BUDGET:-45}"
+UP_TIMEOUT_S="${HARNESS_UP_TIMEOUT_S:-1200}"
+RESTART_TIMEOUT_S="${HARNESS_RESTART_TIMEOUT_S:-300}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+BASE_IMAGE_NAME="convirt-local/python:3.11-bookworm"
+PG_IMAGE_NAME="convirt-local/postgres:15"
+API_IMAGE_NAME="$PROJECT/api:latest"
+PYTHON="${PYTHON:-python3}"
+
+log() { printf '[harness %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "FAILED: $*"; exit 1; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+command -v docker >/dev/null || die "docker is not installed"
+docker info >/dev/null 2>&1 || die "the Docker daemon is not reachable (docker info fails)"
+command -v "$PYTHON" >/dev/null || die "$PYTHON not found (the HTTP checks need Python 3)"
+if [[ -n "${COMPOSE:-}" ]]; then
+    read -r -a COMPOSE_CMD <<<"$COMPOSE"
+elif docker compose version >/dev/null 2>&1; then
+    COMPOSE_CMD=(docker compose)
+elif command -v docker-compose >/dev/null; then
+    COMPOSE_CMD=(docker-compose)
+else
+    die "neither \`docker compose\` nor docker-compose is installed"
+fi
+COMPOSE_VERSION="$("${COMPOSE_CMD[@]}" version --short 2>/dev/null || echo unknown)"
+
+# Everything compose interpolates: the local images, a random key, a free loopback port and
+# the small demo. Nothing here leaks into the user's shell or .env.
+export POSTGRES_IMAGE="$PG_IMAGE_NAME"
+export BASE_IMAGE="$BASE_IMAGE_NAME"
+export API_IMAGE="$API_IMAGE_NAME"
+export POSTGRES_PASSWORD="harness-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
+API_KEY="harness-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+export CONVIRT_API_KEYS="$API_KEY"
+export CONVIRT_DEMO=1 CONVIRT_DEMO_N="$DEMO_N" CONVIRT_DEMO_TIME_BUDGET="$DEMO_TIME_BUDGET"
+API_PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+export API_PORT
+BASE_URL="http://127.0.0.1:$API_PORT"
+
+compose() { "${COMPOSE_CMD[@]}" -p "$PROJECT" -f "$REPO/docker-compose.yml" "$@"; }
+
+WORK="$(mktemp -d /tmp/convirt-harness.XXXXXX)"
+ADDED_FILES=()
+STATUS=failed
+
+cleanup() {
+    local rc=$?
+    set +e
+    if [[ "$STATUS" != ok ]]; then
+        log "stack logs (last 200 lines per service):"
+        compose ps >&2
+        compose logs --no-color --tail=200 >&2
+    fi
+    log "tearing down (down -v)"
+    compose down -v --remove-orphans >/dev/null 2>&1
+    if [[ "$KEEP_IMAGES" != 1 ]]; then
+        docker image rm -f "$API_IMAGE_NAME" "$PG_IMAGE_NAME" "$BASE_IMAGE_NAME" >/dev/null 2>&1
+        # Only the service build's dangling builder stage, not other dangling images.
+        docker image prune -f --filter label=org.convirt.stage=builder >/dev/null 2>&1
+    fi
+    for f in "${ADDED_FILES[@]}"; do rm -f "$f"; done
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+container_id() { compose ps -q "$1" 2>/dev/null | head -n 1; }
+
+# Wait for a service's Docker healthcheck to say healthy; fail early if it exits or restarts.
+wait_healthy() {
+    local service=$1 timeout_s=$2 start id state health restarts last_note=0 elapsed
+    start=$(date +%s)
+    while :; do
+        id="$(container_id "$service")"
+        if [[ -n "$id" ]]; then
+            read -r state health restarts < <(docker inspect -f \
+                '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}} {{.RestartCount}}' \
+                "$id" 2>/dev/null || echo "missing none 0")
+            [[ "$health" == healthy ]] && return 0
+            [[ "$state" == exited || "$state" == dead || "$restarts" -gt 0 ]] &&
+                die "$service stopped (state $state, restarts $restarts) before becoming healthy"
+        fi
+        elapsed=$(($(date +%s) - start))
+        ((elapsed < timeout_s)) || die "$service not healthy after ${timeout_s}s (state ${state:-none}, health ${health:-none})"
+        if ((elapsed - last_note >= 30)); then
+            last_note=$elapsed
+            log "waiting for $service: ${elapsed}s, ${health:-no container}; last log: $(
+                compose logs --no-color --tail=1 "$service" 2>/dev/null | tail -n 1 | cut -c1-160)"
+        fi
+        sleep 2
+    done
+}
+
+# Up, then healthy (api healthcheck) and ready (/ready 200); sets HEALTHY_S and READY_S.
+start_stack() {
+    local timeout_s=$1 t0 remaining
+    t0=$(now)
+    compose up -d --no-build >&2
+    wait_healthy db "$timeout_s"
+    wait_healthy api "$timeout_s"
+    HEALTHY_S=$(since "$t0")
+    remaining=$(awk -v t="$timeout_s" -v h="$HEALTHY_S" 'BEGIN { r = t - h; print (r < 30 ? 30 : int(r)) }')
+    "$PYTHON" docker/harness_check.py wait-ready "$BASE_URL" "$remaining" ||
+        die "api healthy but not ready"
+    READY_S=$(since "$t0")
+}
+
+T_TOTAL=$(now)
+log "compose: ${COMPOSE_CMD[*]} ($COMPOSE_VERSION), project $PROJECT, api on $BASE_URL"
+# A previous run killed with SIGKILL may have left its stack behind.
+compose down -v --remove-orphans >/dev/null 2>&1 || true
+
+# 1. base image
+t0=$(now)
+CACHE_DIR="$CACHE_DIR" docker/make-base-image.sh "$BASE_IMAGE_NAME"
+BASE_S=$(since "$t0")
+log "base image: ${BASE_S}s"
+
+# 2. PostgreSQL image
+t0=$(now)
+docker build -q -f docker/postgres/Dockerfile --build-arg BASE_IMAGE="$BASE_IMAGE_NAME" \
+    -t "$PG_IMAGE_NAME" . >"$WORK/postgres-build.log" 2>&1 ||
+    { cat "$WORK/postgres-build.log" >&2; die "PostgreSQL image build failed"; }
+PG_S=$(since "$t0")
+log "PostgreSQL image: ${PG_S}s"
+
+# 3. service image: the local CPU torch wheel and the CA bundle go into the build context
+wheel="${TORCH_WHEEL:-}"
+if [[ -z "$wheel" ]]; then
+    wheel="$(find /opt -maxdepth 4 -name "torch-${TORCH_VERSION}*cpu*.whl" 2>/dev/null | head -n 1)"
+fi
+if [[ -n "$wheel" ]]; then
+    target="docker/wheels/$(basename "$wheel")"
+    if [[ ! -e "$target" ]]; then
+        cp "$wheel" "$target"
+        ADDED_FILES+=("$REPO/$target")
+    fi
+    log "torch from $wheel"
+else
+    log "no local torch wheel: the build downloads the CPU build from its TORCH_INDEX_URL"
+fi
+if [[ -s /etc/ssl/certs/ca-certificates.crt && ! -e docker/certs/ca-certificates.crt ]]; then
+    cp /etc/ssl/certs/ca-certificates.crt docker/certs/ca-certificates.crt
+    ADDED_FILES+=("$REPO/docker/certs/ca-certificates.crt")
+fi
+t0=$(now)
+compose build api >"$WORK/api-build.log" 2>&1 ||
+    { tail -n 80 "$WORK/api-build.log" >&2; die "service image build failed"; }
+API_BUILD_S=$(since "$t0")
+log "service image: ${API_BUILD_S}s"
+
+# 4. first start: demo bundle and corpus, then the API checks
+start_stack "$UP_TIMEOUT_S"
+UP1_HEALTHY_S=$HEALTHY_S UP1_READY_S=$READY_S
+log "first start: healthy ${UP1_HEALTHY_S}s, ready ${UP1_READY_S}s"
+"$PYTHON" docker/harness_check.py exercise "$BASE_URL" "$API_KEY" "$WORK/state.json" ||
+    die "API checks on the first start"
+
+# 5. down (volumes kept) and up again: everything must still be there, and the demo
+#    must not have been rebuilt
+compose down >&2
+start_stack "$RESTART_TIMEOUT_S"
+UP2_HEALTHY_S=$HEALTHY_S UP2_READY_S=$READY_S
+log "second start: healthy ${UP2_HEALTHY_S}s, ready ${UP2_READY_S}s"
+"$PYTHON" docker/harness_check.py verify "$BASE_URL" "$API_KEY" "$WORK/state.json" ||
+    die "API checks after down + up"
+# `convirt demo` logs a JSON summary of its steps: on the second start it must have found
+# the bundle on the volume instead of training again.
+compose logs --no-color api 2>/dev/null | grep -qF '"train": "skipped"' ||
+    die "the second start trained again instead of reusing the bundle on the volume"
+
+size() { docker image inspect -f '{{.Size}}' "$1"; }
+STATUS=ok
+printf '{"harness": "ok", "compose": "%s", "demo_n": %s, "demo_time_budget_s": %s, "base_image_s": %s, "postgres_image_s": %s, "api_image_s": %s, "first_up_healthy_s": %s, "first_up_ready_s": %s, "second_up_healthy_s": %s, "second_up_ready_s": %s, "total_s": %s, "image_bytes": {"base": %s, "postgres": %s, "api": %s}}\n' \
+    "$COMPOSE_VERSION" "$DEMO_N" "$DEMO_TIME_BUDGET" "$BASE_S" "$PG_S" "$API_BUILD_S" \
+    "$UP1_HEALTHY_S" "$UP1_READY_S" "$UP2_HEALTHY_S" "$UP2_READY_S" "$(since "$T_TOTAL")" \
+    "$(size "$BASE_IMAGE_NAME")" "$(size "$PG_IMAGE_NAME")" "$(size "$API_IMAGE_NAME")"
