@@ -96,7 +96,9 @@ def register(subparsers: Any) -> None:
     )
     run_group.add_argument("--no-cache", action="store_true", help="embed every image afresh")
     run_group.add_argument(
-        "--no-backbone", action="store_true", help="skip the backbone-only baseline"
+        "--no-backbone",
+        action="store_true",
+        help="skip the baseline of the image backbone before training (ImageNet weights)",
     )
     run_group.add_argument("--random-repeats", type=int, default=20, metavar="N")
     run_group.add_argument("--batch-size", type=int, default=32, metavar="N")
@@ -184,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
 
     from model.bundle import EncoderBundle
     from model.errors import ModelError
+    from model.evaluation.baseline import InitialBackbone
     from model.evaluation.cache import CACHE_FILE, SqliteEmbeddingCache
     from model.evaluation.report import write_report
     from model.evaluation.runner import (
@@ -205,9 +208,9 @@ def run(args: argparse.Namespace) -> int:
         protocol, root = _load_protocol(args)
         bundle = EncoderBundle.load(bundle_dir, device=args.device)
         cache = None if args.no_cache else SqliteEmbeddingCache(args.cache or out / CACHE_FILE)
+        backbone = None if args.no_backbone else InitialBackbone.from_bundle(bundle)
         options = EvaluationOptions(
             ks=ks,
-            backbone=not args.no_backbone,
             random_repeats=args.random_repeats,
             seed=args.seed,
             batch_size=args.batch_size,
@@ -216,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
             protocol,
             bundle,
             root=root,
+            backbone=backbone,
             cache=cache,
             options=options,
             model_name=bundle.name,

@@ -41,6 +41,7 @@ from app.errors import ProblemError
 from app.models import CachedEmbedding, EvaluationRun, Image, utcnow
 from app.services.runtime import Runtime
 from model.errors import ModelError
+from model.evaluation.baseline import InitialBackbone
 from model.evaluation.protocol import (
     RetrievalProtocol,
     TextQuery,
@@ -207,7 +208,6 @@ class EvaluationJobs:
             protocol, root = self._protocol(runtime, request)
             options = EvaluationOptions(
                 ks=request.ks,
-                backbone=request.backbone,
                 random_repeats=request.random_repeats,
                 seed=request.seed,
             )
@@ -226,7 +226,7 @@ class EvaluationJobs:
             cancel = threading.Event()
             thread = threading.Thread(
                 target=self._work,
-                args=(runtime, run_id, protocol, root, options, cancel),
+                args=(runtime, run_id, protocol, root, options, request.backbone, cancel),
                 name=f"evaluation-{run_id}",
                 daemon=True,
             )
@@ -324,6 +324,7 @@ class EvaluationJobs:
         protocol: RetrievalProtocol,
         root: Path | None,
         options: EvaluationOptions,
+        with_backbone: bool,
         cancel: threading.Event,
     ) -> None:
         sessions = runtime.sessions
@@ -337,10 +338,12 @@ class EvaluationJobs:
 
         try:
             self._update(sessions, run_id, status="running", started_at=utcnow())
+            backbone = InitialBackbone.from_bundle(runtime.bundle) if with_backbone else None
             result = run_evaluation(
                 protocol,
                 runtime.bundle,
                 root=root,
+                backbone=backbone,
                 cache=DatabaseEmbeddingCache(sessions),
                 options=options,
                 progress=progress,

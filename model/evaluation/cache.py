@@ -6,9 +6,8 @@ an edited one misses. :class:`SqliteEmbeddingCache` is the command line's file c
 service keeps the same entries in its database (``embedding_cache`` table) behind the same
 :class:`EmbeddingCache` protocol.
 
-Vectors of other feature spaces of one model (the image backbone's pooled features, the
-backbone-only baseline) are stored under :func:`derived_model_id`, which keeps the
-``sha256:<hex>`` form and length of a model id.
+The backbone-only baseline's vectors are stored under its own ``feature_id``
+(:class:`model.evaluation.baseline.InitialBackbone`), shaped like a model id.
 """
 
 from __future__ import annotations
@@ -53,11 +52,6 @@ class EmbeddingCache(Protocol):
 def content_hash(data: bytes) -> str:
     """Hex sha256 of an image file's bytes: the cache key next to the model id."""
     return hashlib.sha256(data).hexdigest()
-
-
-def derived_model_id(model_id: str, space: str) -> str:
-    """A model-id-shaped key for another feature space of ``model_id`` (e.g. its backbone)."""
-    return "sha256:" + hashlib.sha256(f"{model_id}|{space}".encode()).hexdigest()
 
 
 class SqliteEmbeddingCache:

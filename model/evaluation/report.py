@@ -55,7 +55,7 @@ METHOD_COLOURS: Final[dict[str, str]] = {
 }
 METHOD_TITLES: Final[dict[str, str]] = {
     MODEL: "model (ConVIRT)",
-    BACKBONE: "backbone only (no contrastive head)",
+    BACKBONE: "backbone before training",
     RANDOM: "random (empirical)",
     RANDOM_EXPECTED: "random (expected)",
 }
@@ -101,6 +101,14 @@ def markdown_summary(result: EvaluationResult, document: dict[str, Any] | None =
         f"text queries over {counts['text_candidates']} candidates",
         f"- a hit is a candidate whose label for the query's category is 1; ties: "
         f"{doc['metrics']['tie_rule']}",
+        *(
+            [
+                f"- backbone baseline: {result.backbone['tower']} with "
+                f"{result.backbone['weights']} weights, no contrastive training"
+            ]
+            if result.backbone
+            else []
+        ),
         f"- run time {result.seconds:.1f} s; "
         + "; ".join(
             f"{space} vectors: {s.cache_hits} cached, {s.encoded} encoded"

@@ -3,9 +3,9 @@
 For each task (image → image, text → image) the runner scores:
 
 - ``model``: the encoder's shared-space embeddings (cosine similarity);
-- ``backbone`` (image → image only): the image backbone's pooled features before the
-  projection head, L2-normalised, i.e. the network without its contrastive head (the
-  paper's "ImageNet" row when the bundle's backbone is ImageNet-initialised);
+- ``backbone`` (image → image only, when a backbone encoder is given): the pooled features
+  of the image backbone before contrastive training, L2-normalised (the paper's "ImageNet"
+  row; see :mod:`model.evaluation.baseline`);
 - ``random``: uniformly random rankings, averaged over ``random_repeats`` draws;
 - ``random_expected``: the exact expectation of a random ranking (12.5 % at every k for
   the official protocol).
@@ -29,7 +29,7 @@ from typing import Any, Final, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from model.evaluation.cache import EmbeddingCache, content_hash, derived_model_id
+from model.evaluation.cache import EmbeddingCache, content_hash
 from model.evaluation.errors import EvaluationError, ProtocolError
 from model.evaluation.metrics import (
     DEFAULT_KS,
@@ -51,8 +51,6 @@ MODEL: Final = "model"
 BACKBONE: Final = "backbone"
 RANDOM: Final = "random"
 RANDOM_EXPECTED: Final = "random_expected"
-#: Feature space name of the backbone baseline in the cache (see ``derived_model_id``).
-BACKBONE_SPACE: Final = "image-backbone-pooled"
 
 #: ``progress(fraction in [0, 1], stage)``.
 ProgressCallback = Callable[[float, str], None]
@@ -78,6 +76,20 @@ class Encoder(Protocol):
         """float32 (N, D), L2-normalised rows."""
         ...
 
+
+class BackboneEncoder(Protocol):
+    """The baseline's image features (:class:`model.evaluation.baseline.InitialBackbone`)."""
+
+    @property
+    def feature_id(self) -> str:
+        """Cache key of the feature space, shaped like a model id."""
+        ...
+
+    @property
+    def description(self) -> dict[str, Any]:
+        """What the baseline is (tower, weights), for the report."""
+        ...
+
     def image_backbone_features(
         self, images: Sequence[np.ndarray], *, batch_size: int = ..., normalize: bool = ...
     ) -> FloatArray:
@@ -87,10 +99,9 @@ class Encoder(Protocol):
 
 @dataclass(frozen=True)
 class EvaluationOptions:
-    """How to run: cut-offs, which baselines, batch size and seeds."""
+    """How to run: cut-offs, the random baseline's draws, batch size and seed."""
 
     ks: tuple[int, ...] = DEFAULT_KS
-    backbone: bool = True
     random_repeats: int = 20
     seed: int = 0
     batch_size: int = 32
@@ -98,7 +109,6 @@ class EvaluationOptions:
     def to_dict(self) -> dict[str, Any]:
         return {
             "ks": list(self.ks),
-            "backbone": self.backbone,
             "random_repeats": self.random_repeats,
             "seed": self.seed,
             "batch_size": self.batch_size,
@@ -134,6 +144,7 @@ class EvaluationResult:
     embedding_stats: dict[str, EmbeddingStats]
     seconds: float
     model_name: str | None = None
+    backbone: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +157,7 @@ class EvaluationResult:
                 "counts": self.protocol.counts(),
             },
             "model": {"model_id": self.model_id, "name": self.model_name},
+            "backbone_baseline": self.backbone,
             "options": self.options.to_dict(),
             "metrics": {
                 "ks": list(self.options.ks),
@@ -209,7 +221,7 @@ def _hash_files(
 
 
 def _embed_images(
-    encoder: Encoder,
+    encoders: dict[str, Callable[[Sequence[np.ndarray], int], FloatArray]],
     paths: Sequence[str],
     hashes: Sequence[str],
     *,
@@ -223,7 +235,8 @@ def _embed_images(
 ) -> tuple[dict[str, FloatArray], dict[str, EmbeddingStats]]:
     """Vectors of ``paths`` in each feature space: space → float32 (len(paths), D_space).
 
-    ``spaces`` maps a space name (``model``/``backbone``) to its cache key.
+    ``spaces`` maps a space name (``model``/``backbone``) to its cache key and ``encoders``
+    the same names to ``encode(images, batch_size) -> (b, D)``.
     """
     from model.decode import ImageDecodeError, decode_image
 
@@ -263,11 +276,7 @@ def _embed_images(
             need = [i for i, key in enumerate(batch) if key not in known[space]]
             if not need:
                 continue
-            images = [pixels[i] for i in need]
-            if space == BACKBONE:
-                vectors = encoder.image_backbone_features(images, batch_size=batch_size)  # (b, F)
-            else:
-                vectors = encoder.encode_images(images, batch_size=batch_size)  # (b, D)
+            vectors = encoders[space]([pixels[i] for i in need], batch_size)  # (b, D)
             fresh = {batch[i]: vectors[row] for row, i in enumerate(need)}
             known[space].update(fresh)
             if cache is not None:
@@ -298,6 +307,7 @@ def run_evaluation(
     encoder: Encoder,
     *,
     root: str | os.PathLike[str] | None,
+    backbone: BackboneEncoder | None = None,
     cache: EmbeddingCache | None = None,
     options: EvaluationOptions | None = None,
     progress: ProgressCallback | None = None,
@@ -306,8 +316,9 @@ def run_evaluation(
 ) -> EvaluationResult:
     """Validate ``protocol`` against the images under ``root`` and score both tasks.
 
-    Raises :class:`ProtocolError` for files or images that cannot be evaluated (naming the
-    file and row), :class:`EvaluationCancelled` when ``cancel`` is set during the run.
+    ``backbone`` adds the backbone-only baseline to the image task. Raises
+    :class:`ProtocolError` for files or images that cannot be evaluated (naming the file and
+    row), :class:`EvaluationCancelled` when ``cancel`` is set during the run.
     """
     opts = options or EvaluationOptions()
     report = progress or (lambda fraction, stage: None)
@@ -322,10 +333,16 @@ def run_evaluation(
         where.setdefault(item.path, item.where)
     hashes = _hash_files(paths, image_root, where, report, cancel)
     spaces = {MODEL: encoder.model_id}
-    if opts.backbone:
-        spaces[BACKBONE] = derived_model_id(encoder.model_id, BACKBONE_SPACE)
+    encoders: dict[str, Callable[[Sequence[np.ndarray], int], FloatArray]] = {
+        MODEL: lambda images, size: encoder.encode_images(images, batch_size=size)
+    }
+    if backbone is not None:
+        spaces[BACKBONE] = backbone.feature_id
+        encoders[BACKBONE] = lambda images, size: backbone.image_backbone_features(
+            images, batch_size=size
+        )
     vectors, stats = _embed_images(
-        encoder,
+        encoders,
         paths,
         hashes,
         root=image_root,
@@ -410,6 +427,7 @@ def run_evaluation(
         embedding_stats=stats,
         seconds=seconds,
         model_name=model_name,
+        backbone=dict(backbone.description) if backbone is not None else None,
     )
     logger.info(
         "evaluated %s on %s in %.1f s: image→image P@10 %.3f, text→image P@10 %.3f",

@@ -247,7 +247,6 @@ def test_interrupted_runs_are_marked_failed(
         assert item["progress"] == pytest.approx(0.4)
 
 
-@pytest.mark.slow
 def test_manifest_run(
     tmp_path: Path,
     sqlite_url: str,

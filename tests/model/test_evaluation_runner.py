@@ -15,13 +15,14 @@ import json
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from index import VectorIndex
-from model.evaluation.cache import SqliteEmbeddingCache, derived_model_id
+from model.evaluation.cache import SqliteEmbeddingCache
 from model.evaluation.embedding_map import pca_2d, tsne_2d
 from model.evaluation.errors import EvaluationError, ProtocolError
 from model.evaluation.metrics import precision_key
@@ -29,7 +30,6 @@ from model.evaluation.protocol import read_chexpert_8x200
 from model.evaluation.report import write_report
 from model.evaluation.runner import (
     BACKBONE,
-    BACKBONE_SPACE,
     IMAGE_TO_IMAGE,
     MODEL,
     RANDOM,
@@ -45,37 +45,30 @@ CANDIDATES_PER_CATEGORY = 12
 QUERIES_PER_CATEGORY = 2
 
 
+def _thumbnails(images: Sequence[np.ndarray], side: int) -> np.ndarray:
+    rows = []
+    for pixels in images:
+        small = Image.fromarray(np.uint8(np.clip(pixels, 0, 1) * 255)).resize(
+            (side, side), Image.Resampling.BILINEAR
+        )
+        vector = np.asarray(small, dtype=np.float32).ravel()
+        vector -= vector.mean()
+        rows.append(vector / max(float(np.linalg.norm(vector)), 1e-6))
+    return np.stack(rows).astype(np.float32)
+
+
 class PixelEncoder:
-    """Embeds a radiograph as its mean-centred 16 × 16 thumbnail (8 × 8 for the backbone)."""
+    """Embeds a radiograph as its mean-centred 16 × 16 thumbnail; texts by a seeded hash."""
 
     model_id = "sha256:" + "ab" * 32
     dim = 256
 
     def __init__(self) -> None:
         self.images_encoded = 0
-        self.backbone_encoded = 0
-
-    @staticmethod
-    def _thumbnails(images: Sequence[np.ndarray], side: int) -> np.ndarray:
-        rows = []
-        for pixels in images:
-            small = Image.fromarray(np.uint8(np.clip(pixels, 0, 1) * 255)).resize(
-                (side, side), Image.Resampling.BILINEAR
-            )
-            vector = np.asarray(small, dtype=np.float32).ravel()
-            vector -= vector.mean()
-            rows.append(vector / max(float(np.linalg.norm(vector)), 1e-6))
-        return np.stack(rows).astype(np.float32)
 
     def encode_images(self, images: Sequence[np.ndarray], *, batch_size: int = 32) -> np.ndarray:
         self.images_encoded += len(images)
-        return self._thumbnails(images, 16)
-
-    def image_backbone_features(
-        self, images: Sequence[np.ndarray], *, batch_size: int = 32, normalize: bool = True
-    ) -> np.ndarray:
-        self.backbone_encoded += len(images)
-        return self._thumbnails(images, 8)
+        return _thumbnails(images, 16)
 
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
         rows = []
@@ -84,6 +77,22 @@ class PixelEncoder:
             vector = np.random.default_rng(seed).normal(size=self.dim)
             rows.append(vector / np.linalg.norm(vector))
         return np.stack(rows).astype(np.float32)
+
+
+class PixelBackbone:
+    """The baseline's features: the mean-centred 8 × 8 thumbnail."""
+
+    feature_id = "sha256:" + "cd" * 32
+    description: ClassVar[dict[str, Any]] = {"tower": "thumbnail", "weights": "none"}
+
+    def __init__(self) -> None:
+        self.images_encoded = 0
+
+    def image_backbone_features(
+        self, images: Sequence[np.ndarray], *, batch_size: int = 32, normalize: bool = True
+    ) -> np.ndarray:
+        self.images_encoded += len(images)
+        return _thumbnails(images, 8)
 
 
 def _reduced_protocol(official: Path, out: Path) -> Path:
@@ -139,7 +148,11 @@ def test_runner_matches_the_exact_index_oracle(layout: tuple[Path, Path]) -> Non
     protocol = read_chexpert_8x200(protocol_dir)
     encoder = PixelEncoder()
     result = run_evaluation(
-        protocol, encoder, root=root, options=EvaluationOptions(ks=(1, 5, 10), random_repeats=5)
+        protocol,
+        encoder,
+        root=root,
+        backbone=PixelBackbone(),
+        options=EvaluationOptions(ks=(1, 5, 10), random_repeats=5),
     )
     assert set(result.scores) == {IMAGE_TO_IMAGE, TEXT_TO_IMAGE}
     assert set(result.scores[IMAGE_TO_IMAGE]) == {MODEL, BACKBONE, RANDOM, RANDOM_EXPECTED}
@@ -148,12 +161,10 @@ def test_runner_matches_the_exact_index_oracle(layout: tuple[Path, Path]) -> Non
     # Independent oracle: embed the files directly and search a FAISS Flat index.
     from model.decode import decode_file
 
-    candidates = PixelEncoder._thumbnails(
+    candidates = _thumbnails(
         [decode_file(root / c.path).pixels for c in protocol.image_candidates], 16
     )
-    queries = PixelEncoder._thumbnails(
-        [decode_file(root / q.path).pixels for q in protocol.image_queries], 16
-    )
+    queries = _thumbnails([decode_file(root / q.path).pixels for q in protocol.image_queries], 16)
     index = VectorIndex.build("Flat", candidates.shape[1], model_id=encoder.model_id)
     index.add(np.arange(len(candidates)), candidates)
     _, ids = index.search(queries, 10)
@@ -174,21 +185,28 @@ def test_second_run_reads_the_cache(layout: tuple[Path, Path], tmp_path: Path) -
     protocol = read_chexpert_8x200(protocol_dir)
     cache = SqliteEmbeddingCache(tmp_path / "cache.sqlite")
     options = EvaluationOptions(ks=(5, 10), random_repeats=3)
-    first_encoder = PixelEncoder()
-    first = run_evaluation(protocol, first_encoder, root=root, cache=cache, options=options)
+    first_encoder, first_backbone = PixelEncoder(), PixelBackbone()
+    first = run_evaluation(
+        protocol, first_encoder, root=root, backbone=first_backbone, cache=cache, options=options
+    )
     distinct = len(protocol.image_paths())
-    assert first_encoder.images_encoded == first_encoder.backbone_encoded == distinct
+    assert first_encoder.images_encoded == first_backbone.images_encoded == distinct
     assert first.embedding_stats[MODEL].encoded == distinct
-    second_encoder = PixelEncoder()
-    second = run_evaluation(protocol, second_encoder, root=root, cache=cache, options=options)
-    assert second_encoder.images_encoded == second_encoder.backbone_encoded == 0
+    second_encoder, second_backbone = PixelEncoder(), PixelBackbone()
+    second = run_evaluation(
+        protocol, second_encoder, root=root, backbone=second_backbone, cache=cache, options=options
+    )
+    assert second_encoder.images_encoded == second_backbone.images_encoded == 0
     assert second.embedding_stats[MODEL].cache_hits == distinct
+    assert second.embedding_stats[BACKBONE].cache_hits == distinct
     assert second.to_dict()["results"] == first.to_dict()["results"]
-    # The backbone's vectors live under their own derived id, shaped like a model id.
-    backbone_id = derived_model_id(PixelEncoder.model_id, BACKBONE_SPACE)
-    assert len(backbone_id) == len(PixelEncoder.model_id)
-    some_hash = next(iter(cache.get_many(backbone_id, _hashes(root, protocol.image_paths()[:1]))))
-    assert cache.get_many(backbone_id, [some_hash])[some_hash].shape == (64,)
+    # Each feature space has its own cache key: (model id | backbone feature id, file hash).
+    hashes = _hashes(root, protocol.image_paths())
+    assert len(cache.get_many(PixelEncoder.model_id, hashes)) == distinct
+    backbone_vectors = cache.get_many(PixelBackbone.feature_id, hashes)
+    assert {v.shape for v in backbone_vectors.values()} == {(64,)}
+    # A file whose bytes change is a miss: its content hash is new.
+    assert cache.get_many(PixelEncoder.model_id, ["0" * 64]) == {}
 
 
 def _hashes(root: Path, paths: list[str]) -> list[str]:
@@ -230,7 +248,7 @@ def test_progress_is_monotone_and_ends_at_one(layout: tuple[Path, Path]) -> None
         read_chexpert_8x200(protocol_dir),
         PixelEncoder(),
         root=root,
-        options=EvaluationOptions(ks=(5,), backbone=False, random_repeats=1, batch_size=16),
+        options=EvaluationOptions(ks=(5,), random_repeats=1, batch_size=16),
         progress=lambda fraction, stage: seen.append(fraction),
     )
     assert seen == sorted(seen)
@@ -244,6 +262,7 @@ def test_report_files(layout: tuple[Path, Path], tmp_path: Path) -> None:
         read_chexpert_8x200(protocol_dir),
         PixelEncoder(),
         root=root,
+        backbone=PixelBackbone(),
         options=EvaluationOptions(ks=(5, 10), random_repeats=2),
         model_name="pixels",
     )
@@ -252,6 +271,7 @@ def test_report_files(layout: tuple[Path, Path], tmp_path: Path) -> None:
     assert document["protocol"]["counts"]["image_candidates"] == 8 * CANDIDATES_PER_CATEGORY
     assert document["model"] == {"model_id": PixelEncoder.model_id, "name": "pixels"}
     assert document["command"] == "test"
+    assert document["backbone_baseline"] == PixelBackbone.description
     image_model = document["results"][IMAGE_TO_IMAGE][MODEL]
     assert image_model["mean"]["p@5"] == pytest.approx(
         result.scores[IMAGE_TO_IMAGE][MODEL].mean["p@5"], abs=1e-6
