@@ -72,7 +72,7 @@ def sample_protocol(
             "candidates and queries per category must be at least 1",
             code="protocol_file_invalid",
         )
-    by_category: dict[str, list[LabelledImage]] = {name: [] for name in chosen}
+    by_category: dict[str, list[LabelledImage]] = {category: [] for category in chosen}
     seen: set[str] = set()
     for image in images:
         positive = labelled_positive(image.labels, chosen)
@@ -81,9 +81,9 @@ def sample_protocol(
         seen.add(image.path)
         by_category[positive[0]].append(image)
     needed = candidates_per_category + queries_per_category
-    short = {name: len(found) for name, found in by_category.items() if len(found) < needed}
+    short = {c: len(found) for c, found in by_category.items() if len(found) < needed}
     if short:
-        detail = ", ".join(f"{name}: {count}" for name, count in short.items())
+        detail = ", ".join(f"{c}: {count}" for c, count in short.items())
         raise ProtocolError(
             f"not enough images with exactly one positive label among the categories: need "
             f"{needed} per category ({candidates_per_category} candidates + "
@@ -99,12 +99,12 @@ def sample_protocol(
             )
     candidates: list[ProtocolImage] = []
     queries: list[ImageQuery] = []
-    for name in chosen:
-        pool = by_category[name]
-        order = _category_rng(seed, name).permutation(len(pool))
+    for category in chosen:
+        pool = by_category[category]
+        order = _category_rng(seed, category).permutation(len(pool))
         picked = [pool[i] for i in order[:needed]]
         queries.extend(
-            ImageQuery(category=name, path=img.path, where=img.where)
+            ImageQuery(category=category, path=img.path, where=img.where)
             for img in picked[:queries_per_category]
         )
         candidates.extend(

@@ -203,6 +203,7 @@ def test_sample_protocol_is_seeded_disjoint_and_follows_the_label_rule() -> None
         seed=7,
         text_queries=queries,
     )
+    assert protocol.name == "manifest"
     assert len(protocol.image_candidates) == 15
     assert len(protocol.image_queries) == 6
     paths = {c.path for c in protocol.image_candidates}
