@@ -255,3 +255,11 @@ def test_malformed_bundles_are_invalid(bundle_dir: Path, tmp_path: Path, alter: 
 def test_a_missing_directory_is_invalid(tmp_path: Path) -> None:
     with pytest.raises(BundleInvalidError):
         EncoderBundle.load(tmp_path / "nothing", device="cpu")
+
+
+def test_threaded_preprocessing_gives_the_same_vectors(
+    bundle_dir: Path, bundle: EncoderBundle, images: list[np.ndarray]
+) -> None:
+    threaded = EncoderBundle.load(bundle_dir, device="cpu", preprocess_threads=3)
+    expected = bundle.encode_images(images, batch_size=4)
+    np.testing.assert_array_equal(threaded.encode_images(images, batch_size=4), expected)
