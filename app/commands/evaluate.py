@@ -188,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
     from model.errors import ModelError
     from model.evaluation.baseline import InitialBackbone
     from model.evaluation.cache import CACHE_FILE, SqliteEmbeddingCache
+    from model.evaluation.protocol import validate_protocol
     from model.evaluation.report import write_report
     from model.evaluation.runner import (
         IMAGE_TO_IMAGE,
@@ -206,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         protocol, root = _load_protocol(args)
+        # Before the bundle loads (seconds): a missing image or a bad row fails at once.
+        validate_protocol(protocol, root)
         bundle = EncoderBundle.load(bundle_dir, device=args.device)
         cache = None if args.no_cache else SqliteEmbeddingCache(args.cache or out / CACHE_FILE)
         backbone = None if args.no_backbone else InitialBackbone.from_bundle(bundle)

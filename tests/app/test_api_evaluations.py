@@ -278,3 +278,35 @@ def test_manifest_run(
             "random_expected",
         }
         assert done["results"]["protocol"]["counts"]["text_queries"] == 2
+
+
+def test_command_names_the_missing_image_before_loading_a_bundle(
+    shared_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from app.cli import main as cli_main
+
+    protocol_dir = shared_dir / "protocols" / "chexpert-8x200"
+    root = tmp_path / "chexpert"
+    first = "CheXpert-v1.0-small/train/patient21230/study1/view1_frontal.jpg"
+    (root / first).parent.mkdir(parents=True)
+    (root / first).write_bytes(b"")
+    argv = [
+        "evaluate",
+        "--root",
+        str(root),
+        "--protocol-dir",
+        str(protocol_dir),
+        "--bundle",
+        str(tmp_path / "no-bundle"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    with caplog.at_level("ERROR"):
+        assert cli_main(argv) == 1
+    message = caplog.text
+    assert "image_missing" in message
+    assert "1679 image(s) missing" in message
+    assert "image-retrieval/candidate.csv line 3" in message
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        cli_main(["evaluate", "--out", str(tmp_path / "out")])  # no --root
