@@ -30,6 +30,7 @@ from app.services.ingest import IngestItem
 from app.services.retrieval import Filters, Hit
 from app.services.runtime import Runtime
 from app.settings import Settings
+from index import MAX_K
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,10 @@ _MULTIPART: Final = "multipart/form-data"
 
 
 def _check_k(k: int, settings: Settings) -> int:
-    if not 1 <= k <= settings.k_max:
-        raise ProblemError(422, "invalid_k", f"k must be between 1 and {settings.k_max}, not {k}")
+    # The index answers at most MAX_K hits per query, whatever k_max says.
+    limit = min(settings.k_max, MAX_K)
+    if not 1 <= k <= limit:
+        raise ProblemError(422, "invalid_k", f"k must be between 1 and {limit}, not {k}")
     return k
 
 

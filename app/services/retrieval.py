@@ -8,7 +8,8 @@ filter, and both return up to ``k`` hits that *all* satisfy it:
   table and scored exactly; no index involved, nothing can be missed;
 - many matches: the index is asked for more than ``k`` hits, in proportion to how rare the
   matches are, and the non-matching ones are dropped; if fewer than ``k`` remain the
-  request is doubled until either ``k`` hits are found or the whole index was returned.
+  request is doubled until either ``k`` hits are found or the whole index was returned
+  (past the index's largest answer, :data:`index.MAX_K`, the filter is finished exactly).
 
 Index ids that have no row any more (an image deleted between the index search and the
 lookup) are skipped, so a hit always names a stored image.
@@ -30,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.models import Embedding, Image, bytes_to_vector
 from app.services.live_index import LiveIndex
 from app.services.metrics import Metrics
+from index import MAX_K
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ logger = logging.getLogger(__name__)
 EXACT_SUBSET_MAX: Final = 4096
 #: Least over-fetch factor when filtering through the index.
 OVERFETCH_MIN: Final = 4
+#: Stored vectors read from the database per step of an exact search.
+EXACT_CHUNK: Final = 4096
 
 
 @dataclass(frozen=True)
@@ -135,22 +139,29 @@ class RetrievalService:
     def _search_exact(
         self, query: npt.NDArray[np.float32], k: int, allowed: Iterable[int]
     ) -> list[Hit]:
+        """Score the ``allowed`` images' stored vectors exactly, in chunks; top ``k``."""
         ids_wanted = sorted(allowed)
-        with self.metrics.stage("database"), self.sessions() as session:
-            rows = session.execute(
-                select(Embedding.image_id, Embedding.dim, Embedding.vector).where(
-                    Embedding.model_id == self.model_id, Embedding.image_id.in_(ids_wanted)
-                )
-            ).all()
-        if not rows:
-            return []
-        with self.metrics.stage("search"):
-            ids = np.asarray([int(r[0]) for r in rows], dtype=np.int64)  # (M,)
-            matrix = np.stack([bytes_to_vector(r[2], int(r[1])) for r in rows])  # (M, D)
-            scores = matrix @ query[0]  # (M,)
-            # Ties broken by id so that results are stable from call to call.
-            order = np.lexsort((ids, -scores))[:k]
-        return self._hits(ids[order].tolist(), scores[order].tolist(), k=k)
+        best_ids = np.zeros(0, dtype=np.int64)  # (≤k,)
+        best_scores = np.zeros(0, dtype=np.float32)  # (≤k,)
+        for start in range(0, len(ids_wanted), EXACT_CHUNK):
+            chunk = ids_wanted[start : start + EXACT_CHUNK]
+            with self.metrics.stage("database"), self.sessions() as session:
+                rows = session.execute(
+                    select(Embedding.image_id, Embedding.dim, Embedding.vector).where(
+                        Embedding.model_id == self.model_id, Embedding.image_id.in_(chunk)
+                    )
+                ).all()
+            if not rows:
+                continue
+            with self.metrics.stage("search"):
+                ids = np.asarray([int(r[0]) for r in rows], dtype=np.int64)  # (M,)
+                matrix = np.stack([bytes_to_vector(r[2], int(r[1])) for r in rows])  # (M, D)
+                ids = np.concatenate([best_ids, ids])  # (≤k+M,)
+                scores = np.concatenate([best_scores, matrix @ query[0]])  # (≤k+M,)
+                # Ties broken by id so that results are stable from call to call.
+                order = np.lexsort((ids, -scores))[:k]
+                best_ids, best_scores = ids[order], scores[order]
+        return self._hits(best_ids.tolist(), best_scores.tolist(), k=k)
 
     def _search_index(
         self,
@@ -172,7 +183,7 @@ class RetrievalService:
             ratio = total / max(len(allowed), 1)
             fetch = max(k * OVERFETCH_MIN, math.ceil(k * ratio * 2)) + extra
         while True:
-            fetch = min(fetch, total)
+            fetch = min(fetch, total, MAX_K)
             with self.metrics.stage("search"):
                 scores, ids = self.index.search(query, fetch)  # (1, fetch), (1, fetch)
             found_ids: list[int] = []
@@ -184,10 +195,12 @@ class RetrievalService:
                     continue
                 found_ids.append(int(image_id))
                 found_scores.append(float(score))
-            exhausted = fetch >= total
             hits = self._hits(found_ids, found_scores, k=k)
-            if len(hits) >= k or exhausted:
+            if len(hits) >= k or fetch >= total:
                 return hits
+            if fetch >= MAX_K:
+                # The index answers at most MAX_K per query: finish the filter exactly.
+                return self._search_exact(query, k, allowed) if allowed is not None else hits
             # Short because of the filter or of rows deleted since indexing: widen and retry.
             fetch *= 2
 

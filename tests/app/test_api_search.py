@@ -147,12 +147,18 @@ def test_k_above_the_collection_returns_everything(client: TestClient) -> None:
     assert len({h["image_id"] for h in hits}) == 16
 
 
-@pytest.mark.parametrize("exact_subset_max", [4096, 0], ids=["exact-subset", "index-overfetch"])
+@pytest.mark.parametrize(
+    ("exact_subset_max", "max_k"),
+    [(4096, 4096), (0, 4096), (0, 5)],
+    ids=["exact-subset", "index-overfetch", "index-capped-then-exact"],
+)
 def test_label_filter_returns_only_matches(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch, exact_subset_max: int
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, exact_subset_max: int, max_k: int
 ) -> None:
-    # Both strategies (exact scoring of a small subset, index over-fetch) must agree.
+    # Every strategy must give the same answer: exact scoring of a small subset, index
+    # over-fetch, and over-fetch that hits the index's answer limit and finishes exactly.
     monkeypatch.setattr(retrieval, "EXACT_SUBSET_MAX", exact_subset_max)
+    monkeypatch.setattr(retrieval, "MAX_K", max_k)
     runtime = runtime_of(client)
     query = runtime.bundle.encode_texts([QUERY])[0]
     body = {"query": QUERY, "k": 16, "filters": {"labels": {"Pneumonia": 1}}}
