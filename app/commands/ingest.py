@@ -25,17 +25,19 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import ValidationError
 from tqdm import tqdm
 
 from app.commands.serve import add_settings_arguments, settings_from_args
 from app.errors import AppError
-from app.services.ingest import IngestItem
-from app.services.runtime import Runtime
 from model.errors import ModelError
 from model.manifest import read_manifest
+
+if TYPE_CHECKING:
+    # Importing these loads torch; the command line imports its modules only to build --help.
+    from app.services.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ def ingest_sources(
     runtime: Runtime, sources: Sequence[Source], *, batch_size: int, progress: bool
 ) -> dict[str, int]:
     """Ingest ``sources`` in batches; returns the counts per outcome."""
+    from app.services.ingest import IngestItem
+
     counts = {"created": 0, "existing": 0, "failed": 0}
     last_save = time.monotonic()
     with tqdm(total=len(sources), unit="img", disable=not progress, file=sys.stderr) as bar:
@@ -156,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
         logger.error("%s", exc)
         return 2
     logger.info("%d files to ingest from %s", len(sources), args.path)
+    from app.services.runtime import Runtime
+
     try:
         runtime = Runtime.start(settings)
     except (AppError, ModelError) as exc:

@@ -26,7 +26,6 @@ from app.commands.serve import add_settings_arguments, settings_from_args
 from app.db import create_engine_for, session_factory
 from app.errors import AppError
 from app.models import Image
-from app.services.runtime import Runtime
 from app.settings import Settings
 from model.errors import ModelError
 
@@ -67,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         total=_count_images(settings), unit="img", disable=args.no_progress, file=sys.stderr
     ) as bar:
         try:
+            from app.services.runtime import Runtime
+
             runtime = Runtime.start(settings, reembed_all=True, progress=bar.update)
         except (AppError, ModelError) as exc:
             logger.error("reindex failed: %s", exc)
