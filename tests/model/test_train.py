@@ -188,6 +188,7 @@ def test_the_shipped_cpu_config_trains_and_exports(corpus: Path, tmp_path: Path)
     np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_max_steps_and_time_budget_stop_with_a_checkpoint(
     corpus: Path, towers: tuple[Path, Path], tmp_path: Path
 ) -> None:
