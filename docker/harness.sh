@@ -92,8 +92,11 @@ cleanup() {
     compose down -v --remove-orphans >/dev/null 2>&1
     if [[ "$KEEP_IMAGES" != 1 ]]; then
         docker image rm -f "$API_IMAGE_NAME" "$PG_IMAGE_NAME" "$BASE_IMAGE_NAME" >/dev/null 2>&1
-        # Only the service build's dangling builder stage, not other dangling images.
+        # Dangling images of the service build only (its builder stage, replaced builds),
+        # not whatever else the daemon holds.
         docker image prune -f --filter label=org.convirt.stage=builder >/dev/null 2>&1
+        docker image prune -f --filter label=org.opencontainers.image.title=convirt-retrieval \
+            >/dev/null 2>&1
     fi
     for f in "${ADDED_FILES[@]}"; do rm -f "$f"; done
     rm -rf "$WORK"
@@ -187,6 +190,19 @@ compose build api >"$WORK/api-build.log" 2>&1 ||
     { tail -n 80 "$WORK/api-build.log" >&2; die "service image build failed"; }
 API_BUILD_S=$(since "$t0")
 log "service image: ${API_BUILD_S}s"
+
+# What the runtime stage must (not) contain: a non-root user, no compiler, nothing of the
+# build context's extras (torch wheel, CA bundle), and a healthcheck.
+[[ "$(docker image inspect -f '{{if .Config.Healthcheck}}yes{{end}}' "$API_IMAGE_NAME")" == yes ]] ||
+    die "the service image has no HEALTHCHECK"
+docker run --rm --entrypoint /bin/sh "$API_IMAGE_NAME" -c '
+    [ "$(id -u)" != 0 ] || { echo "runs as root"; exit 1; }
+    for tool in gcc cc g++ make; do
+        ! command -v "$tool" >/dev/null || { echo "compiler $tool in the runtime image"; exit 1; }
+    done
+    [ ! -e /tmp/wheels ] && [ ! -e /tmp/certs ] || { echo "build extras left in the image"; exit 1; }
+    /opt/venv/bin/python -c "import torch; assert torch.version.cuda is None, torch.version.cuda"
+' >&2 || die "service image checks"
 
 # 4. first start: demo bundle and corpus, then the API checks
 start_stack "$UP_TIMEOUT_S"

@@ -1,0 +1,89 @@
+"""The compose stack, built and run for real: ``docker/harness.sh``.
+
+The harness builds the local base, PostgreSQL and service images, starts the stack with
+``docker-compose up``, uploads an image and searches through the API, restarts the stack
+with ``down`` + ``up`` and checks that the data survived on the volumes, then tears it all
+down. It needs a usable Docker daemon (``docker info``): without one the test is skipped,
+except on CI (``CI=true``), where that is a failure. ``.ci/run`` installs and starts Docker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HARNESS = REPO / "docker" / "harness.sh"
+#: The harness bounds each of its own waits; this only catches a hang outside them.
+HARNESS_TIMEOUT_S = 40 * 60
+
+
+def _on_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _docker_unusable_reason() -> str | None:
+    docker = shutil.which("docker")
+    if docker is None:
+        return "docker is not installed (apt-get install docker.io docker-compose debootstrap)"
+    try:
+        probe = subprocess.run(
+            [docker, "info"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return "`docker info` did not answer within 60 s"
+    if probe.returncode != 0:
+        return f"`docker info` failed: {probe.stderr.strip()[-300:]}"
+    if shutil.which("docker-compose") is None:
+        compose = subprocess.run(
+            [docker, "compose", "version"], capture_output=True, timeout=60, check=False
+        )
+        if compose.returncode != 0:
+            return "neither docker-compose nor `docker compose` is installed"
+    return None
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(HARNESS_TIMEOUT_S)
+def test_compose_stack_serves_and_keeps_data_across_restart() -> None:
+    reason = _docker_unusable_reason()
+    if reason is not None:
+        if _on_ci():
+            pytest.fail(f"Docker is required on CI: {reason}")
+        pytest.skip(reason)
+
+    env = {k: v for k, v in os.environ.items() if k != "KEEP_IMAGES"}
+    # A project name of its own, so that a developer's harness run cannot collide with it.
+    env["HARNESS_PROJECT"] = f"convirt-test-{os.getpid()}"
+    result = subprocess.run(
+        ["bash", str(HARNESS)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HARNESS_TIMEOUT_S - 60,
+        check=False,
+    )
+    assert result.returncode == 0, (
+        f"harness failed with status {result.returncode}\n"
+        f"--- stderr (tail) ---\n{result.stderr[-8000:]}\n"
+        f"--- stdout (tail) ---\n{result.stdout[-2000:]}"
+    )
+    lines = result.stdout.strip().splitlines()
+    assert lines, f"the harness printed no summary; stderr:\n{result.stderr[-4000:]}"
+    summary = json.loads(lines[-1])
+    # The timings and image sizes, for whoever reads the test log (pytest -s or -rP).
+    print(lines[-1])
+    assert summary["harness"] == "ok"
+    # The second start reuses the volume's bundle and corpus instead of training again.
+    assert summary["second_up_ready_s"] < summary["first_up_ready_s"]
+    for name in ("base", "postgres", "api"):
+        assert summary["image_bytes"][name] > 0
+    # A CUDA torch (what a plain `pip install torch` brings) would add several GB.
+    assert summary["image_bytes"]["api"] < 2_500_000_000
