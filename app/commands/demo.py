@@ -237,7 +237,8 @@ def train_demo_model(
         raise DemoInterrupted(int(result.signal))
     checkpoint = result.best_checkpoint or result.last_checkpoint
     summary = {
-        "checkpoint": str(checkpoint),
+        # Relative to the run, so a data directory that was moved still finds it.
+        "checkpoint": str(checkpoint.relative_to(paths.run)),
         "stop_reason": result.stop_reason,
         "step": result.step,
         "epoch": result.epoch,
@@ -270,7 +271,8 @@ def prepare_bundle(
     checkpoint: Path | None = None
     if paths.marker.is_file():
         try:
-            checkpoint = Path(json.loads(paths.marker.read_text(encoding="utf-8"))["checkpoint"])
+            stored = json.loads(paths.marker.read_text(encoding="utf-8"))["checkpoint"]
+            checkpoint = paths.run / stored
         except (OSError, ValueError, KeyError, TypeError):
             checkpoint = None
         if checkpoint is not None and not checkpoint.is_file():

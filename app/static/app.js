@@ -187,7 +187,7 @@
     const seq = ++searchSeq;
     clearError();
     el.results.setAttribute("aria-busy", "true");
-    el.summary.textContent = `Searching ${describe}…`;
+    el.summary.textContent = `Finding studies ${describe}…`;
     try {
       const answer = await request();
       if (seq !== searchSeq) return;
@@ -228,13 +228,13 @@
     const form = new FormData();
     form.append("file", file, file.name);
     form.append("k", String(wantedK()));
-    runSearch(`by example image ${file.name}`, () =>
+    runSearch(`like example image ${file.name}`, () =>
       apiJson("search/image", { method: "POST", body: form }),
     );
   }
 
   function searchSimilar(imageId) {
-    runSearch(`images like image ${imageId}`, () =>
+    runSearch(`like image ${imageId}`, () =>
       apiJson("search/image", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
@@ -262,7 +262,7 @@
     const hits = answer.hits || [];
     el.summary.textContent = hits.length
       ? `${hits.length} closest ${hits.length === 1 ? "study" : "studies"} ${describe} · ${Math.round(answer.took_ms)} ms`
-      : `No stored image matches ${describe}.`;
+      : `No stored studies found ${describe}.`;
     for (const hit of hits) el.results.append(resultCard(hit));
   }
 
@@ -426,10 +426,11 @@
     const head = el.evaluationTable.tHead;
     const body = el.evaluationTable.tBodies[0];
     const headRow = document.createElement("tr");
-    for (const text of ["Task", "Method", ...columns.map(metricTitle)]) {
+    for (const [index, text] of ["Task", "Method", ...columns.map(metricTitle)].entries()) {
       const th = document.createElement("th");
       th.scope = "col";
       th.textContent = text;
+      if (index >= 2) th.className = "num";
       headRow.append(th);
     }
     head.replaceChildren(headRow);

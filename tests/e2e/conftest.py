@@ -1,8 +1,9 @@
 """Fixtures of the end-to-end tests: a live service on a loopback port, a real Chromium.
 
 ``live_service`` serves the real app with uvicorn in a thread, on a port the kernel picks,
-with a real encoder bundle (:mod:`tests.app.service_support`), an API key, and a few
-synthetic studies uploaded through the API with their reports and labels.
+with a real encoder bundle (:mod:`tests.app.service_support`), an API key, a few synthetic
+studies uploaded through the API with their reports and labels, and the 16 real Kermany
+radiographs with their labels (no report).
 
 ``browser`` is Debian's ``chromium`` driven by Playwright (never ``playwright install``:
 browser downloads are not possible here). Without it the browser tests are skipped,
@@ -30,9 +31,9 @@ from app.main import create_app
 from app.settings import Settings
 from model.bundle import EncoderBundle
 from model.manifest import PairedRecord, read_manifest
-from tests.app.service_support import bundle, bundle_dir
+from tests.app.service_support import bundle, bundle_dir, kermany_images
 
-__all__ = ["bundle", "bundle_dir"]
+__all__ = ["bundle", "bundle_dir", "kermany_images"]
 
 API_KEY = "e2e-test-key-0123456789"
 #: Synthetic studies uploaded to the live service.
@@ -58,8 +59,14 @@ class LiveService:
     api_key: str
     settings: Settings
     studies: list[PairedRecord]
-    #: image id → the study uploaded as that image.
+    #: image id → the synthetic study uploaded as that image.
     ids: dict[int, PairedRecord]
+    #: ids of the Kermany radiographs.
+    kermany_ids: list[int]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.ids) + len(self.kermany_ids)
 
     def client(self, *, key: bool = True) -> httpx.Client:
         headers = {"X-API-Key": self.api_key} if key else {}
@@ -95,6 +102,18 @@ def _upload_studies(client: httpx.Client, studies: list[PairedRecord]) -> dict[i
     return {int(r["id"]): studies[r["index"]] for r in results}
 
 
+def _upload_kermany(
+    client: httpx.Client, images: list[tuple[bytes, dict[str, float | None]]]
+) -> list[int]:
+    files = [
+        ("files", (f"kermany-{i}.png", data, "image/png")) for i, (data, _) in enumerate(images)
+    ]
+    data = {"labels": [json.dumps(labels) for _, labels in images]}
+    response = client.post("/images", files=files, data=data)
+    assert response.status_code == 201, response.text
+    return [int(r["id"]) for r in response.json()["results"]]
+
+
 @pytest.fixture(scope="session")
 def synthetic_corpus(tmp_path_factory: pytest.TempPathFactory) -> list[PairedRecord]:
     from model.synthetic import generate_corpus
@@ -110,6 +129,7 @@ def live_service(
     tmp_path_factory: pytest.TempPathFactory,
     bundle: EncoderBundle,
     synthetic_corpus: list[PairedRecord],
+    kermany_images: list[tuple[bytes, dict[str, float | None]]],
 ) -> Iterator[LiveService]:
     data_dir = tmp_path_factory.mktemp("live-data")
     settings = Settings(data_dir=data_dir, api_keys=[API_KEY], log_level="WARNING")
@@ -127,14 +147,15 @@ def live_service(
     port = server.servers[0].sockets[0].getsockname()[1]
     base_url = f"http://127.0.0.1:{port}"
     try:
-        service = LiveService(base_url, API_KEY, settings, synthetic_corpus, {})
+        service = LiveService(base_url, API_KEY, settings, synthetic_corpus, {}, [])
         with service.client() as client:
             while client.get("/ready").status_code != 200:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"not ready: {client.get('/ready').text}")
                 time.sleep(0.2)
             ids = _upload_studies(client, synthetic_corpus)
-        yield LiveService(base_url, API_KEY, settings, synthetic_corpus, ids)
+            kermany_ids = _upload_kermany(client, kermany_images)
+        yield LiveService(base_url, API_KEY, settings, synthetic_corpus, ids, kermany_ids)
     finally:
         server.should_exit = True
         thread.join(timeout=30)

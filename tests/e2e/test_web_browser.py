@@ -7,6 +7,7 @@ and sees the service's error messages when something is wrong.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,18 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 #: Milliseconds a page may take for one search on a busy 2-core machine.
 WAIT_MS = 60_000
+#: Results the page asks for by default (its first choice of k).
+PAGE_K = 12
+#: A small evaluation over the stored images (the Kermany normals and pneumonias).
+EVALUATION_RUN: dict[str, Any] = {
+    "protocol": "stored",
+    "categories": ["No Finding", "Pneumonia"],
+    "candidates_per_category": 5,
+    "queries_per_category": 2,
+    "seed": 3,
+    "ks": [1, 5],
+    "random_repeats": 5,
+}
 
 
 def open_page(page: Any, service: LiveService, *, key: str | None) -> None:
@@ -63,15 +76,17 @@ def test_text_search_shows_results_and_details(page: Any, live_service: LiveServ
     page.get_by_role("button", name="Search", exact=True).click()
     cards = page.locator(".result-button")
     cards.first.wait_for(timeout=WAIT_MS)
-    n = len(live_service.ids)
-    assert cards.count() == n  # k = 12 > the 10 stored studies
-    assert sorted(result_ids(page)) == sorted(live_service.ids)
+    assert live_service.n_images > PAGE_K
+    assert cards.count() == PAGE_K
+    shown = result_ids(page)
+    assert len(set(shown)) == PAGE_K
+    assert set(shown) <= set(live_service.ids) | set(live_service.kermany_ids)
 
     scores = [float(s) for s in page.locator(".result .score").all_inner_texts()]
     assert scores == sorted(scores, reverse=True)
     assert all(-1.0 <= s <= 1.0 for s in scores)
     summary = page.locator("#results-summary").inner_text()
-    assert f"{n} closest studies" in summary
+    assert f"{PAGE_K} closest studies" in summary
 
     # Thumbnails come through fetch with the key, as blob URLs that the browser decoded.
     page.wait_for_function(
@@ -79,16 +94,21 @@ def test_text_search_shows_results_and_details(page: Any, live_service: LiveServ
         ".every(img => img.src.startsWith('blob:') && img.complete && img.naturalWidth > 0)",
         timeout=WAIT_MS,
     )
-    # Each card's chips are the study's positive labels.
-    first = result_ids(page)[0]
+    # Each card's chips are its image's positive labels.
+    for position, image_id in enumerate(shown):
+        study = live_service.ids.get(image_id)
+        if study is None:
+            continue
+        positives = sorted(name for name, value in study.labels.items() if value == 1.0)
+        chips = page.locator(".result").nth(position).locator(".chip").all_inner_texts()
+        assert sorted(chips) == positives
+    # The details of the best synthetic study, which has a report.
+    position, first = next((i, v) for i, v in enumerate(shown) if v in live_service.ids)
     study = live_service.ids[first]
-    positives = sorted(name for name, value in study.labels.items() if value == 1.0)
-    chips = page.locator(".result").first.locator(".chip").all_inner_texts()
-    assert sorted(chips) == positives
 
     page.screenshot(path=str(screenshot_dir() / "text-search.png"), full_page=True)
 
-    cards.first.click()
+    cards.nth(position).click()
     dialog = page.get_by_role("dialog")
     dialog.wait_for(state="visible", timeout=WAIT_MS)
     assert dialog.locator("#detail-title").inner_text() == f"Image {first}"
@@ -103,8 +123,11 @@ def test_text_search_shows_results_and_details(page: Any, live_service: LiveServ
     # "Find similar" searches with the stored image: itself is left out of its hits.
     dialog.get_by_role("button", name="Find similar images").click()
     page.wait_for_function(
-        f"() => document.querySelectorAll('.result-button').length === {n - 1}", timeout=WAIT_MS
+        f"() => document.querySelector('#results-summary').textContent"
+        f".startsWith('{PAGE_K} closest studies like image {first}')",
+        timeout=WAIT_MS,
     )
+    assert cards.count() == PAGE_K
     assert first not in result_ids(page)
     assert page.errors == []
 
@@ -164,13 +187,47 @@ def test_missing_key_is_explained(page: Any, live_service: LiveService) -> None:
     assert page.locator(".result-button").count() == 0
 
 
-def test_evaluation_section_hidden_without_runs(page: Any, live_service: LiveService) -> None:
-    with live_service.client() as client:
-        listed = client.get("/evaluations")
+def test_latest_evaluation_is_shown(page: Any, live_service: LiveService) -> None:
     open_page(page, live_service, key=live_service.api_key)
-    if listed.status_code == 200:
-        assert listed.json()["total"] == 0
-    # Hidden whether the service has no evaluation routes or no run yet.
     page.wait_for_load_state("networkidle")
+    # No run yet: no section, and no error either.
     assert page.locator("#evaluation").is_hidden()
     assert page.get_by_role("alert").is_hidden()
+
+    with live_service.client() as client:
+        assert client.get("/evaluations").json()["total"] == 0
+        started = client.post("/evaluations", json=EVALUATION_RUN)
+        assert started.status_code == 202, started.text
+        run_id = started.json()["id"]
+        deadline = time.monotonic() + WAIT_MS / 1000 * 5
+        while (run := client.get(f"/evaluations/{run_id}").json())["status"] not in (
+            "succeeded",
+            "failed",
+        ):
+            assert time.monotonic() < deadline, run
+            time.sleep(0.5)
+    assert run["status"] == "succeeded", run["error"]
+    summary = run["summary"]
+
+    page.reload()
+    section = page.locator("#evaluation")
+    section.wait_for(state="visible", timeout=WAIT_MS)
+    headers = section.locator("thead th").all_inner_texts()
+    assert headers == ["Task", "Method", "P@1", "P@5", "mAP"]
+    rows = section.locator("tbody tr")
+    table = {
+        (row.locator("th").inner_text(), row.locator("td").first.inner_text()): row.locator(
+            "td.num"
+        ).all_inner_texts()
+        for row in rows.all()
+    }
+    model = summary["text_to_image"]["model"]
+    assert table[("text → image", "ConVIRT")] == [
+        f"{model['p@1']:.3f}",
+        f"{model['p@5']:.3f}",
+        f"{model['map']:.3f}",
+    ]
+    assert ("image → image", "random (expected)") in table
+    assert f"Run {run_id}" in section.locator("#evaluation-meta").inner_text()
+    page.screenshot(path=str(screenshot_dir() / "evaluation.png"), full_page=True)
+    assert page.errors == []
