@@ -273,7 +273,12 @@
     button.type = "button";
     button.className = "result-button";
     button.dataset.imageId = String(hit.image_id);
-    button.setAttribute("aria-label", `Result ${hit.rank}: image ${hit.image_id}, score ${hit.score.toFixed(3)}. Show details`);
+    const positives = Object.entries(hit.labels || {}).filter(([, v]) => v === POSITIVE).map(([n]) => n);
+    button.setAttribute(
+      "aria-label",
+      `Result ${hit.rank}: image ${hit.image_id}, score ${hit.score.toFixed(3)}` +
+        (positives.length ? `, ${positives.join(", ")}` : "") + ". Show details",
+    );
     button.addEventListener("click", () => openDetail(hit.image_id));
 
     const frame = document.createElement("div");
