@@ -171,7 +171,8 @@ class PairDataset(Dataset[tuple[torch.Tensor, str]]):
     ``transform`` is a :class:`model.transforms.TrainTransform` (called with the sample's
     generator) when ``augment`` is True, else an :class:`model.transforms.EvalTransform`.
     The sentence is drawn with :func:`model.reports.sample_sentence` from the same
-    generator, seeded by :func:`sample_seed`.
+    generator, seeded by :func:`sample_seed`, out of the report's body or, with
+    ``text_section="impression"``, its IMPRESSION section (see ``DataConfig``).
     """
 
     def __init__(
@@ -181,11 +182,13 @@ class PairDataset(Dataset[tuple[torch.Tensor, str]]):
         *,
         seed: int,
         augment: bool,
+        text_section: str = "body",
     ) -> None:
         self.records = list(records)
         self.transform = transform
         self.seed = seed
         self.augment = augment
+        self.text_section = text_section
 
     def __len__(self) -> int:
         return len(self.records)
@@ -200,7 +203,18 @@ class PairDataset(Dataset[tuple[torch.Tensor, str]]):
         rng = random.Random(sample_seed(self.seed, stream, epoch, index))
         pixels = decode_file(record.image_path).pixels  # (H, W) in [0, 1]
         image = self.transform(pixels, rng) if self.augment else self.transform(pixels)
-        return image, sample_sentence(record.report, rng)  # (3, S, S), str
+        return image, sample_sentence(training_text(record.report, self.text_section), rng)
+
+
+def training_text(report: str, section: str) -> str:
+    """The part of ``report`` that training sentences are sampled from (``text_section``)."""
+    if section == "impression":
+        from model.reports import parse_sections
+
+        impression = parse_sections(report).get("IMPRESSION", "").strip()
+        if impression:
+            return impression
+    return report
 
 
 def collate_pairs(batch: Sequence[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
@@ -461,9 +475,14 @@ class Trainer:
             model.train_transform(config.augment),
             seed=run.seed,
             augment=True,
+            text_section=config.data.text_section,
         )
         self.val_set = PairDataset(
-            self.val_records, self.eval_transform, seed=run.seed, augment=False
+            self.val_records,
+            self.eval_transform,
+            seed=run.seed,
+            augment=False,
+            text_section=config.data.text_section,
         )
         data = config.data
         self.steps_per_epoch = len(self.train_records) // data.batch_size // data.grad_accum_steps
