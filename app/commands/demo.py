@@ -10,7 +10,9 @@ the bundle and serves (seconds):
 1. corpus: ``N`` synthetic studies (:mod:`model.synthetic`) in ``DATA_DIR/demo/corpus``;
    skipped when its manifest lists ``N`` studies.
 2. bundle: train the small CPU config (``cpu-small``: pretrained EfficientNet-Lite0 and
-   MiniLM towers) on the corpus in ``DATA_DIR/demo/run`` and export the encoder bundle to
+   MiniLM towers) on the corpus in ``DATA_DIR/demo/run``, with ``DEMO_TRAIN_OVERRIDES``
+   (sentences from the IMPRESSION, a higher learning rate) so that the few hundred steps a
+   CPU affords in minutes learn the findings, and export the encoder bundle to
    the service's bundle directory (``DATA_DIR/bundle``); skipped when a bundle loads from
    there. A finished training leaves ``demo-trained.json`` in the run directory, so only
    the export is redone when the bundle is missing; an interrupted training (Ctrl-C saves
@@ -175,8 +177,17 @@ def prepare_corpus(paths: DemoPaths, n: int, *, progress: bool) -> str:
     return "created"
 
 
+#: The demo trains for minutes, not the paper's days: sentences come from the IMPRESSION,
+#: whose few sentences name the findings (the body's many normal-anatomy sentences are
+#: shared by most studies and act as false negatives in a batch), at 3x the paper's rate.
+#: Measured on 2,000 synthetic studies: the loss leaves chance within 100 steps this way and
+#: not within 60 with the paper's settings.
+DEMO_TRAIN_OVERRIDES: Final[tuple[str, ...]] = ("data.text_section=impression", "optim.lr=3e-4")
+
+
 def _train_overrides(paths: DemoPaths, options: DemoOptions, budget_s: float | None) -> list[str]:
     overrides = [
+        *DEMO_TRAIN_OVERRIDES,
         f"name={MODEL_NAME}",
         f"data.source={paths.manifest}",
         f"train.out_dir={paths.run}",
