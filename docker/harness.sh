@@ -31,7 +31,7 @@ cd "$REPO"
 
 PROJECT="${HARNESS_PROJECT:-convirt-harness}"
 KEEP_IMAGES="${KEEP_IMAGES:-0}"
-CACHE_DIR="${CACHE_DIR:-/tmp/convirt-docker-cache}"
+export CACHE_DIR="${CACHE_DIR:-/tmp/convirt-docker-cache}"
 DEMO_N="${HARNESS_DEMO_N:-64}"
 DEMO_TIME_BUDGET="${HARNESS_DEMO_TIME_BUDGET:-45}"
 UP_TIMEOUT_S="${HARNESS_UP_TIMEOUT_S:-1200}"
@@ -80,9 +80,28 @@ WORK="$(mktemp -d /tmp/convirt-harness.XXXXXX)"
 ADDED_FILES=()
 STATUS=failed
 
+# Long steps run in the background and are waited for: bash runs a trap only once the
+# foreground command ends, while `wait` returns at once, so SIGTERM cleans up promptly.
+# Job control gives each step its own process group, so that cleanup stops the whole step
+# (docker-compose and the `docker build` it runs), not just the shell that started it.
+set -m
+BG_PID=""
+run() {
+    local rc=0
+    "$@" &
+    BG_PID=$!
+    wait "$BG_PID" || rc=$?
+    BG_PID=""
+    return "$rc"
+}
+
 cleanup() {
     local rc=$?
     set +e
+    if [[ -n "$BG_PID" ]]; then
+        kill -TERM -- "-$BG_PID" 2>/dev/null
+        wait "$BG_PID" 2>/dev/null
+    fi
     if [[ "$STATUS" != ok ]]; then
         log "stack logs (last 200 lines per service):"
         compose ps >&2
@@ -91,12 +110,22 @@ cleanup() {
     log "tearing down (down -v)"
     compose down -v --remove-orphans >/dev/null 2>&1
     if [[ "$KEEP_IMAGES" != 1 ]]; then
-        docker image rm -f "$API_IMAGE_NAME" "$PG_IMAGE_NAME" "$BASE_IMAGE_NAME" >/dev/null 2>&1
-        # Dangling images of the service build only (its builder stage, replaced builds),
-        # not whatever else the daemon holds.
-        docker image prune -f --filter label=org.convirt.stage=builder >/dev/null 2>&1
-        docker image prune -f --filter label=org.opencontainers.image.title=convirt-retrieval \
-            >/dev/null 2>&1
+        docker image rm -f "$API_IMAGE_NAME" "$PG_IMAGE_NAME" >/dev/null 2>&1
+        # The builds' other images only (the builder stage, replaced or interrupted builds),
+        # by their labels, not whatever else the daemon holds; then the base, now unused.
+        # An interrupted build's container goes away a moment after its client: retry.
+        local labels=(org.convirt.stage=builder org.opencontainers.image.title=convirt-retrieval
+            org.opencontainers.image.title=convirt-local-postgres) label left attempt
+        for attempt in 1 2 3 4 5 6 7 8 9 10; do
+            left=""
+            for label in "${labels[@]}"; do
+                docker image prune -a -f --filter "label=$label" >/dev/null 2>&1
+                left+="$(docker images -aq --filter "label=$label" 2>/dev/null)"
+            done
+            [[ -n "$left" ]] || break
+            sleep 2
+        done
+        docker image rm -f "$BASE_IMAGE_NAME" >/dev/null 2>&1
     fi
     for f in "${ADDED_FILES[@]}"; do rm -f "$f"; done
     rm -rf "$WORK"
@@ -106,7 +135,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-container_id() { compose ps -q "$1" 2>/dev/null | head -n 1; }
+container_id() { compose ps -q "$1" 2>/dev/null | sed -n 1p || true; }
 
 # Wait for a service's Docker healthcheck to say healthy; fail early if it exits or restarts.
 wait_healthy() {
@@ -137,12 +166,12 @@ wait_healthy() {
 start_stack() {
     local timeout_s=$1 t0 remaining
     t0=$(now)
-    compose up -d --no-build >&2
+    run compose up -d --no-build >&2
     wait_healthy db "$timeout_s"
     wait_healthy api "$timeout_s"
     HEALTHY_S=$(since "$t0")
     remaining=$(awk -v t="$timeout_s" -v h="$HEALTHY_S" 'BEGIN { r = t - h; print (r < 30 ? 30 : int(r)) }')
-    "$PYTHON" docker/harness_check.py wait-ready "$BASE_URL" "$remaining" ||
+    run "$PYTHON" docker/harness_check.py wait-ready "$BASE_URL" "$remaining" ||
         die "api healthy but not ready"
     READY_S=$(since "$t0")
 }
@@ -154,13 +183,13 @@ compose down -v --remove-orphans >/dev/null 2>&1 || true
 
 # 1. base image
 t0=$(now)
-CACHE_DIR="$CACHE_DIR" docker/make-base-image.sh "$BASE_IMAGE_NAME"
+run docker/make-base-image.sh "$BASE_IMAGE_NAME"
 BASE_S=$(since "$t0")
 log "base image: ${BASE_S}s"
 
 # 2. PostgreSQL image
 t0=$(now)
-docker build -q -f docker/postgres/Dockerfile --build-arg BASE_IMAGE="$BASE_IMAGE_NAME" \
+run docker build -q -f docker/postgres/Dockerfile --build-arg BASE_IMAGE="$BASE_IMAGE_NAME" \
     -t "$PG_IMAGE_NAME" . >"$WORK/postgres-build.log" 2>&1 ||
     { cat "$WORK/postgres-build.log" >&2; die "PostgreSQL image build failed"; }
 PG_S=$(since "$t0")
@@ -169,7 +198,7 @@ log "PostgreSQL image: ${PG_S}s"
 # 3. service image: the local CPU torch wheel and the CA bundle go into the build context
 wheel="${TORCH_WHEEL:-}"
 if [[ -z "$wheel" ]]; then
-    wheel="$(find /opt -maxdepth 4 -name "torch-${TORCH_VERSION}*cpu*.whl" 2>/dev/null | head -n 1)"
+    wheel="$(find /opt -maxdepth 4 -name "torch-${TORCH_VERSION}*cpu*.whl" -print -quit 2>/dev/null || true)"
 fi
 if [[ -n "$wheel" ]]; then
     target="docker/wheels/$(basename "$wheel")"
@@ -186,7 +215,7 @@ if [[ -s /etc/ssl/certs/ca-certificates.crt && ! -e docker/certs/ca-certificates
     ADDED_FILES+=("$REPO/docker/certs/ca-certificates.crt")
 fi
 t0=$(now)
-compose build api >"$WORK/api-build.log" 2>&1 ||
+run compose build api >"$WORK/api-build.log" 2>&1 ||
     { tail -n 80 "$WORK/api-build.log" >&2; die "service image build failed"; }
 API_BUILD_S=$(since "$t0")
 log "service image: ${API_BUILD_S}s"
@@ -208,20 +237,23 @@ docker run --rm --entrypoint /bin/sh "$API_IMAGE_NAME" -c '
 start_stack "$UP_TIMEOUT_S"
 UP1_HEALTHY_S=$HEALTHY_S UP1_READY_S=$READY_S
 log "first start: healthy ${UP1_HEALTHY_S}s, ready ${UP1_READY_S}s"
-"$PYTHON" docker/harness_check.py exercise "$BASE_URL" "$API_KEY" "$WORK/state.json" ||
+run "$PYTHON" docker/harness_check.py exercise "$BASE_URL" "$API_KEY" "$WORK/state.json" ||
     die "API checks on the first start"
 
 # 5. down (volumes kept) and up again: everything must still be there, and the demo
 #    must not have been rebuilt
-compose down >&2
+run compose down >&2
 start_stack "$RESTART_TIMEOUT_S"
 UP2_HEALTHY_S=$HEALTHY_S UP2_READY_S=$READY_S
 log "second start: healthy ${UP2_HEALTHY_S}s, ready ${UP2_READY_S}s"
-"$PYTHON" docker/harness_check.py verify "$BASE_URL" "$API_KEY" "$WORK/state.json" ||
+run "$PYTHON" docker/harness_check.py verify "$BASE_URL" "$API_KEY" "$WORK/state.json" ||
     die "API checks after down + up"
 # `convirt demo` logs a JSON summary of its steps: on the second start it must have found
 # the bundle on the volume instead of training again.
-compose logs --no-color api 2>/dev/null | grep -qF '"train": "skipped"' ||
+# (To a file first: `grep -q` stops reading at the first match, and under pipefail the
+# SIGPIPE of the writer would count as a failure.)
+compose logs --no-color api >"$WORK/api-second-start.log" 2>&1 || true
+grep -qF '"train": "skipped"' "$WORK/api-second-start.log" ||
     die "the second start trained again instead of reusing the bundle on the volume"
 
 size() { docker image inspect -f '{{.Size}}' "$1"; }
