@@ -55,6 +55,9 @@ def main(out: str, manifest: str, towers_dir: str, run_dir: str) -> None:
                 },
                 out,
             )
+        if world > 1:
+            # Leave the group together: gloo aborts a process torn down mid-collective.
+            dist.barrier()
     finally:
         trainer.close()
 

@@ -150,6 +150,9 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         loss.backward()
         grads = [local_images.grad, local_texts.grad]
         torch.save({"loss": loss.detach(), "grads": grads}, Path(out_dir) / f"rank{rank}.pt")
+        # Tearing down gloo while the peer is still inside a collective aborts the process
+        # ("terminate called without an active exception"): meet first, then leave.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
