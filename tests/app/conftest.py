@@ -28,6 +28,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from tests.environment import missing_tool
+
 PG_USER = "postgres"
 START_ATTEMPTS = 3
 
@@ -87,9 +89,7 @@ def postgres_server() -> Iterator[PostgresServer]:
             "/usr/lib/postgresql/*/bin or on PATH; install them with "
             "`apt-get install -y postgresql`"
         )
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing_tool(reason)
 
     base = Path(tempfile.mkdtemp(prefix="convirt-pg-"))
     data = base / "data"

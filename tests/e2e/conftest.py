@@ -13,7 +13,6 @@ except on CI (``CI=true``), where a missing browser is a failure.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import threading
@@ -32,6 +31,7 @@ from app.settings import Settings
 from model.bundle import EncoderBundle
 from model.manifest import PairedRecord, read_manifest
 from tests.app.service_support import bundle, bundle_dir, kermany_images
+from tests.environment import missing_tool
 
 __all__ = ["bundle", "bundle_dir", "kermany_images"]
 
@@ -71,10 +71,6 @@ class LiveService:
     def client(self, *, key: bool = True) -> httpx.Client:
         headers = {"X-API-Key": self.api_key} if key else {}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=60.0)
-
-
-def _on_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def find_chromium() -> str | None:
@@ -169,9 +165,7 @@ def chromium_path() -> str:
             "Chromium not found (looked for chromium, chromium-browser on PATH); "
             "install Debian's browser with `apt-get install -y chromium`"
         )
-        if _on_ci():
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing_tool(reason)
     return found
 
 

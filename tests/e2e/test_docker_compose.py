@@ -17,16 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.environment import missing_tool
+
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = REPO / "docker" / "harness.sh"
 #: The harness bounds each of its own waits; this only catches a hang outside them.
 HARNESS_TIMEOUT_S = 40 * 60
 #: Time left to the harness, after a timeout, to take its stack down.
 CLEANUP_S = 5 * 60
-
-
-def _on_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def _docker_unusable_reason() -> str | None:
@@ -56,9 +54,7 @@ def _docker_unusable_reason() -> str | None:
 def test_compose_stack_serves_and_keeps_data_across_restart() -> None:
     reason = _docker_unusable_reason()
     if reason is not None:
-        if _on_ci():
-            pytest.fail(f"Docker is required on CI: {reason}")
-        pytest.skip(reason)
+        missing_tool(f"Docker: {reason}")
 
     env = {k: v for k, v in os.environ.items() if k != "KEEP_IMAGES"}
     # A project name of its own, so that a developer's harness run cannot collide with it.
