@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Annotated, Final
 
 import anyio
@@ -143,34 +144,23 @@ async def upload_images(
             ["body", "files"], f"at most {MAX_FILES_PER_UPLOAD} files per upload", "too_long"
         )
     reports = _per_file(report_text, n_files, "report_text")
-    for position, text in enumerate(reports):
-        if text is not None and len(text) > MAX_REPORT_CHARS:
-            raise field_problem(
-                ["body", "report_text", position],
-                f"report text is longer than {MAX_REPORT_CHARS} characters",
-                "string_too_long",
-            )
+    _check_lengths(
+        reports,
+        "report_text",
+        MAX_REPORT_CHARS,
+        f"report text is longer than {MAX_REPORT_CHARS} characters",
+    )
     raw_labels = _per_file(labels, n_files, "labels")
     parsed_labels = [
         parse_labels(raw, ["body", "labels", i]) if raw else None
         for i, raw in enumerate(raw_labels)
     ]
     refs = _per_file(study_ref, n_files, "study_ref")
-    for position, ref in enumerate(refs):
-        if ref is not None and len(ref) > STUDY_REF_CHARS:
-            raise field_problem(
-                ["body", "study_ref", position],
-                f"at most {STUDY_REF_CHARS} characters",
-                "string_too_long",
-            )
+    _check_lengths(refs, "study_ref", STUDY_REF_CHARS, f"at most {STUDY_REF_CHARS} characters")
     views = _per_file(view_position, n_files, "view_position")
-    for position, view in enumerate(views):
-        if view is not None and len(view) > VIEW_POSITION_CHARS:
-            raise field_problem(
-                ["body", "view_position", position],
-                f"at most {VIEW_POSITION_CHARS} characters",
-                "string_too_long",
-            )
+    _check_lengths(
+        views, "view_position", VIEW_POSITION_CHARS, f"at most {VIEW_POSITION_CHARS} characters"
+    )
     items = [
         IngestItem(
             data=await read_upload(upload, settings.max_upload_bytes),
@@ -189,6 +179,13 @@ async def upload_images(
     if counts["failed"] == n_files:
         raise _all_failed(results)
     return UploadResponse(results=results, **counts)
+
+
+def _check_lengths(values: Sequence[str | None], field: str, limit: int, message: str) -> None:
+    """422 ``string_too_long`` naming the first per-file ``field`` value over ``limit``."""
+    for position, value in enumerate(values):
+        if value is not None and len(value) > limit:
+            raise field_problem(["body", field, position], message, "string_too_long")
 
 
 @router.get(
