@@ -65,7 +65,7 @@ PROBLEM_TYPE_PREFIX = "urn:convirt:problem:"
 
 #: ModelError code → HTTP status (see the module docstring for the 415/422/413 decision).
 MODEL_ERROR_STATUS: Mapping[str, int] = {
-    # model.decode: what the client uploaded.
+    # model.inputs.decode: what the client uploaded.
     "not_an_image": 415,
     "image_decode_error": 422,
     "corrupt_image": 422,

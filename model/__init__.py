@@ -1,4 +1,4 @@
-"""Everything learned: decoding, reports, datasets, towers, loss, trainer, bundle, metrics.
+"""Everything learned: inputs, towers, data, training, evaluation and the encoder bundle.
 
-No web and no database here (see DESIGN.md): ``app`` imports ``model``, never the reverse.
+No web and no database here: ``app`` imports ``model``, never the reverse.
 """

@@ -138,7 +138,7 @@ def export_bundle(
 
     from model.checkpoint import load_checkpoint
     from model.config import config_to_dict
-    from model.train import model_from_checkpoint
+    from model.training.trainer import model_from_checkpoint
 
     target = Path(out_dir)
     if target.exists() and any(target.iterdir()) and not overwrite:
@@ -423,7 +423,7 @@ class EncoderBundle:
         """Embed decoded radiographs.
 
         Args:
-            images: N float32 (H, W) arrays in [0, 1], as :func:`model.decode.decode_file`
+            images: N float32 (H, W) arrays in [0, 1], as :func:`model.inputs.decode.decode_file`
                 returns them (any sizes; the bundle's eval transform resizes them).
             batch_size: images per forward pass.
 

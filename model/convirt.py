@@ -14,9 +14,9 @@ Contract notes (additions to the agreed surface; nothing in it changed):
 - :class:`model.loss.ConVIRTLoss` gathers with gradient by default; see its docstring for
   why that, not a rescaling, makes multi-rank gradients equal the global-batch ones.
 
-Submodules: ``image_encoder`` (an :class:`~model.image_towers.ImageTower`),
-``text_encoder`` (a :class:`~model.text_towers.TextTower`), ``image_projection`` and
-``text_projection`` (:class:`~model.heads.ProjectionHead`).
+Submodules: ``image_encoder`` (an :class:`~model.towers.image.ImageTower`),
+``text_encoder`` (a :class:`~model.towers.text.TextTower`), ``image_projection`` and
+``text_projection`` (:class:`~model.towers.heads.ProjectionHead`).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from torch import nn
 
 from model.config import AugmentConfig, ModelConfig
 from model.errors import ModelError
-from model.heads import ProjectionHead
-from model.image_towers import build_image_tower
-from model.text_towers import TextTower
+from model.towers.heads import ProjectionHead
+from model.towers.image import build_image_tower
+from model.towers.text import TextTower
 from model.transforms import EvalTransform, TrainTransform
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@
 Four steps, each skipped when its output is already there, so a second run only loads
 the bundle and serves (seconds):
 
-1. corpus: ``N`` synthetic studies (:mod:`model.synthetic`) in ``DATA_DIR/demo/corpus``;
+1. corpus: ``N`` synthetic studies (:mod:`model.data.synthetic`) in ``DATA_DIR/demo/corpus``;
    skipped when its manifest lists ``N`` studies.
 2. bundle: train the small CPU config (``cpu-small``: pretrained EfficientNet-Lite0 and
    MiniLM towers) on the corpus in ``DATA_DIR/demo/run``, with ``DEMO_TRAIN_OVERRIDES``
@@ -158,9 +158,9 @@ class Stopwatch:
 
 def prepare_corpus(paths: DemoPaths, n: int, *, progress: bool) -> str:
     """Write the synthetic corpus unless its manifest already lists ``n`` studies."""
+    from model.data.manifest import read_manifest
+    from model.data.synthetic import generate_corpus
     from model.errors import ModelError
-    from model.manifest import read_manifest
-    from model.synthetic import generate_corpus
 
     if paths.manifest.is_file():
         try:
@@ -226,8 +226,8 @@ def train_demo_model(
         DemoInterrupted: training was stopped by a signal (its checkpoint is saved).
     """
     from model.errors import ModelError
-    from model.train import LAST_CHECKPOINT, resume_config, train
-    from model.train_config import load_train_config
+    from model.training.config import load_train_config
+    from model.training.trainer import LAST_CHECKPOINT, resume_config, train
 
     last = paths.run / "checkpoints" / LAST_CHECKPOINT
     budget = _train_budget(options, clock)

@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     """Write the corpus and, when asked, the CheXpert tree; 0 on success, 2 on bad input."""
     # Imported here: the CLI must start fast and ``import app.cli`` must do no work.
-    from model.synthetic import SyntheticDataError, generate_corpus, write_chexpert_tree
+    from model.data.synthetic import SyntheticDataError, generate_corpus, write_chexpert_tree
 
     if args.chexpert_root is None and args.chexpert_csv:
         args.parser.error("--chexpert-csv needs --chexpert-root")

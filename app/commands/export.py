@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
 
 
 def _checkpoint_file(path: str) -> Path:
-    from model.train import BEST_CHECKPOINT, LAST_CHECKPOINT
+    from model.training.trainer import BEST_CHECKPOINT, LAST_CHECKPOINT
 
     candidate = Path(path)
     if not candidate.is_dir():

@@ -1,6 +1,6 @@
 """``convirt ingest PATH``: bulk-load images into the service's database and index.
 
-PATH is a paired manifest (``.csv``/``.jsonl``, see :mod:`model.manifest`: reports,
+PATH is a paired manifest (``.csv``/``.jsonl``, see :mod:`model.data.manifest`: reports,
 labels, views and study ids come with the images; patient ids are *not* stored), a
 directory (every ``.dcm``/``.dicom``/``.png``/``.jpg``/``.jpeg`` file below it, and
 files without a suffix, which DICOM exports often are) or a single image file.
@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from app.commands.serve import add_settings_arguments, settings_from_args
 from app.errors import AppError
+from model.data.manifest import read_manifest
 from model.errors import ModelError
-from model.manifest import read_manifest
 
 if TYPE_CHECKING:
     # Importing these loads torch; the command line imports its modules only to build --help.

@@ -61,7 +61,7 @@ def register(subparsers: Any) -> None:
 
 
 def _resume_checkpoint(path: str) -> Path:
-    from model.train import LAST_CHECKPOINT
+    from model.training.trainer import LAST_CHECKPOINT
 
     candidate = Path(path)
     if candidate.is_dir():
@@ -71,8 +71,8 @@ def _resume_checkpoint(path: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from model.errors import ModelError
-    from model.train import resume_config, train
-    from model.train_config import load_train_config
+    from model.training.config import load_train_config
+    from model.training.trainer import resume_config, train
 
     overrides = list(args.overrides)
     if args.data:

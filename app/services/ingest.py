@@ -41,8 +41,8 @@ from app.services.live_index import LiveIndex
 from app.services.metrics import Metrics
 from app.services.store import ImageStore, StoredFiles, dequantize, quantize
 from model.bundle import EncoderBundle
-from model.decode import ImageMeta, decode_image
 from model.errors import ModelError
+from model.inputs.decode import ImageMeta, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class IngestService:
         return {str(h): int(i) for h, i in rows}
 
     def decode(self, item: IngestItem, digest: str | None = None) -> DecodedItem:
-        """Decode one item's bytes. Raises :class:`model.decode.ImageDecodeError`."""
+        """Decode one item's bytes. Raises :class:`model.inputs.decode.ImageDecodeError`."""
         with self.metrics.stage("decode"):
             decoded = decode_image(item.data, max_pixels=self.max_image_pixels)
             levels = quantize(decoded.pixels, decoded.meta.bits)  # (H, W)

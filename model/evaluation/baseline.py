@@ -28,7 +28,7 @@ from model.evaluation.errors import EvaluationError
 
 if TYPE_CHECKING:
     from model.bundle import EncoderBundle
-    from model.image_towers import ImageTower
+    from model.towers.image import ImageTower
     from model.transforms import EvalTransform
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class InitialBackbone:
         """
         from model.config import ModelConfig, config_from_dict
         from model.errors import ModelError
-        from model.image_towers import build_image_tower
+        from model.towers.image import build_image_tower
 
         image = config_from_dict(ModelConfig, bundle.config["model"]).image
         description = {

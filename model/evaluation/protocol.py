@@ -34,9 +34,9 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from model.data.manifest import parse_label_value
 from model.evaluation.errors import ProtocolError
 from model.labels import CHEXPERT_8X200_CATEGORIES, POSITIVE
-from model.manifest import parse_label_value
 
 logger = logging.getLogger(__name__)
 

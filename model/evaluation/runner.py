@@ -238,7 +238,7 @@ def _embed_images(
     ``spaces`` maps a space name (``model``/``backbone``) to its cache key and ``encoders``
     the same names to ``encode(images, batch_size) -> (b, D)``.
     """
-    from model.decode import ImageDecodeError, decode_image
+    from model.inputs.decode import ImageDecodeError, decode_image
 
     clock = _Stopwatch()
     unique = list(dict.fromkeys(hashes))

@@ -139,8 +139,8 @@ def sample_protocol(
 
 
 def manifest_images(path: str) -> list[LabelledImage]:
-    """The labelled images of a paired manifest (:mod:`model.manifest`), absolute paths."""
-    from model.manifest import read_manifest
+    """The labelled images of a paired manifest (:mod:`model.data.manifest`), absolute paths."""
+    from model.data.manifest import read_manifest
 
     return [
         LabelledImage(

@@ -50,7 +50,7 @@ def build_bundle(out_dir: Path) -> Path:
     from model.bundle import export_bundle
     from model.checkpoint import save_checkpoint
     from model.convirt import build_model
-    from model.train_config import TrainConfig, train_config_to_dict
+    from model.training.config import TrainConfig, train_config_to_dict
 
     torch.manual_seed(0)
     config = TrainConfig(name="service-test")

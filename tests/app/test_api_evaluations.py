@@ -148,7 +148,7 @@ def test_stored_run_life_cycle_cache_and_409(client: TestClient, tmp_path: Path)
 def _kermany_manifest(
     folder: Path, kermany_images: list[tuple[bytes, dict[str, float | None]]]
 ) -> Path:
-    from model.manifest import PairedRecord, write_manifest
+    from model.data.manifest import PairedRecord, write_manifest
 
     folder.mkdir(parents=True, exist_ok=True)
     records = []

@@ -13,7 +13,7 @@ from PIL import Image as PILImage
 from pydicom.data import get_testdata_file
 
 from model.bundle import EncoderBundle
-from model.decode import decode_image
+from model.inputs.decode import decode_image
 from tests.app.service_support import (
     assert_consistent,
     bundle,

@@ -23,8 +23,8 @@ from sqlalchemy import func, select
 
 from app.models import Image
 from model.bundle import EncoderBundle
-from model.manifest import read_manifest
-from model.synthetic import generate_corpus
+from model.data.manifest import read_manifest
+from model.data.synthetic import generate_corpus
 from tests.app.service_support import (
     assert_consistent,
     bundle,

@@ -20,7 +20,8 @@ from app.errors import (
     problem_responses,
 )
 from index.errors import IndexCorruptError, InvalidInputError
-from model.decode import (
+from model.errors import ModelError
+from model.inputs.decode import (
     ColorDicomError,
     CorruptImageError,
     ImageTooLargeError,
@@ -29,7 +30,6 @@ from model.decode import (
     NotAnImageError,
     UnsupportedTransferSyntaxError,
 )
-from model.errors import ModelError
 
 SECRET = "postgresql://admin:hunter2@db/prod"
 

@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
 
 from pydicom.data import get_testdata_file  # noqa: E402
 
-from model.decode import decode_image  # noqa: E402
+from model.inputs.decode import decode_image  # noqa: E402
 
 SHARED_PNG = ROOT.parent / "shared" / "data" / "figure1-covid" / "images" / "COVID-00001.png"
 

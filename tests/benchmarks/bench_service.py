@@ -63,8 +63,8 @@ from app.services.store import ImageStore  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from index import VectorIndex  # noqa: E402
 from model.bundle import EncoderBundle  # noqa: E402
-from model.decode import decode_image  # noqa: E402
-from model.synthetic import generate_corpus  # noqa: E402
+from model.data.synthetic import generate_corpus  # noqa: E402
+from model.inputs.decode import decode_image  # noqa: E402
 
 TEXT_QUERY = "small left pleural effusion with blunting of the costophrenic angle"
 INSERT_CHUNK = 5000

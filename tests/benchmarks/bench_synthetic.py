@@ -1,9 +1,9 @@
 """Synthetic corpus throughput: studies/s of rendering alone and of full generation.
 
 Run as a script (``python tests/benchmarks/bench_synthetic.py``); it prints one JSON object.
-"generate" is :func:`model.synthetic.generate_corpus` into an empty temporary folder:
+"generate" is :func:`model.data.synthetic.generate_corpus` into an empty temporary folder:
 render, PNG write and the manifest, as ``convirt demo-data`` does it. "render" is
-:func:`model.synthetic.render_study` alone on random findings. Both run on one core (numpy
+:func:`model.data.synthetic.render_study` alone on random findings. Both run on one core (numpy
 and Pillow do not thread these operations). Besides wall-clock rates the JSON gives rates
 over the process's CPU time, which a busy shared machine disturbs less.
 """
@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from model.synthetic import generate_corpus, render_study  # noqa: E402
+from model.data.synthetic import generate_corpus, render_study  # noqa: E402
 
 
 def rates(count: int, wall: float, cpu: float) -> dict[str, float | int]:

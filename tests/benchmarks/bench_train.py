@@ -39,13 +39,13 @@ import torch  # noqa: E402
 
 from model.bundle import EncoderBundle, export_bundle  # noqa: E402
 from model.convirt import build_model  # noqa: E402
-from model.decode import decode_file  # noqa: E402
+from model.data.manifest import read_manifest  # noqa: E402
+from model.data.synthetic import generate_corpus  # noqa: E402
+from model.inputs.decode import decode_file  # noqa: E402
+from model.inputs.reports import sample_sentence  # noqa: E402
 from model.loss import ConVIRTLoss  # noqa: E402
-from model.manifest import read_manifest  # noqa: E402
-from model.reports import sample_sentence  # noqa: E402
-from model.synthetic import generate_corpus  # noqa: E402
-from model.train import Trainer  # noqa: E402
-from model.train_config import TrainConfig, load_train_config  # noqa: E402
+from model.training.config import TrainConfig, load_train_config  # noqa: E402
+from model.training.trainer import Trainer  # noqa: E402
 
 
 def bare_training(config: TrainConfig, texts: list[str], steps: int, warmup: int) -> list[float]:

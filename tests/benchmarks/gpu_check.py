@@ -34,11 +34,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from model.bundle import EncoderBundle, export_bundle  # noqa: E402
-from model.decode import decode_file  # noqa: E402
-from model.manifest import read_manifest  # noqa: E402
-from model.synthetic import generate_corpus  # noqa: E402
-from model.train import Trainer, read_metrics  # noqa: E402
-from model.train_config import load_train_config  # noqa: E402
+from model.data.manifest import read_manifest  # noqa: E402
+from model.data.synthetic import generate_corpus  # noqa: E402
+from model.inputs.decode import decode_file  # noqa: E402
+from model.training.config import load_train_config  # noqa: E402
+from model.training.trainer import Trainer, read_metrics  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

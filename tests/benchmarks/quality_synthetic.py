@@ -32,9 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from model.bundle import EncoderBundle  # noqa: E402
-from model.decode import decode_file  # noqa: E402
+from model.data.manifest import PairedRecord, read_manifest  # noqa: E402
+from model.inputs.decode import decode_file  # noqa: E402
 from model.labels import CHEXPERT_8X200_CATEGORIES, POSITIVE  # noqa: E402
-from model.manifest import PairedRecord, read_manifest  # noqa: E402
 
 #: Radiologist-style phrasings, written for this check (not the generator's sentences).
 QUERIES: dict[str, tuple[str, ...]] = {

@@ -29,7 +29,7 @@ import uvicorn
 from app.main import create_app
 from app.settings import Settings
 from model.bundle import EncoderBundle
-from model.manifest import PairedRecord, read_manifest
+from model.data.manifest import PairedRecord, read_manifest
 from tests.app.service_support import bundle, bundle_dir, kermany_images
 from tests.environment import missing_tool
 
@@ -112,7 +112,7 @@ def _upload_kermany(
 
 @pytest.fixture(scope="session")
 def synthetic_corpus(tmp_path_factory: pytest.TempPathFactory) -> list[PairedRecord]:
-    from model.synthetic import generate_corpus
+    from model.data.synthetic import generate_corpus
 
     manifest = generate_corpus(
         tmp_path_factory.mktemp("corpus"), N_STUDIES, seed=7, size=256, progress=False

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from app.cli import main as cli_main
 from app.main import create_app
 from app.settings import Settings
-from model.manifest import read_manifest
+from model.data.manifest import read_manifest
 
 N_STUDIES = 24
 #: A tiny training: two steps of eight pairs at a small input size.

@@ -25,11 +25,11 @@ from app.cli import main as cli_main
 from app.main import create_app
 from app.settings import Settings
 from model.bundle import EncoderBundle, export_bundle
-from model.manifest import read_manifest, write_manifest
-from model.reports import parse_sections
-from model.synthetic import generate_corpus, write_chexpert_tree
-from model.train import train
-from model.train_config import load_train_config
+from model.data.manifest import read_manifest, write_manifest
+from model.data.synthetic import generate_corpus, write_chexpert_tree
+from model.inputs.reports import parse_sections
+from model.training.config import load_train_config
+from model.training.trainer import train
 
 logger = logging.getLogger(__name__)
 
@@ -212,9 +212,9 @@ def test_backbone_baseline_is_the_imagenet_backbone(layout: dict[str, Path]) -> 
     import numpy as np
     import torch
 
-    from model.decode import decode_file
-    from model.efficientnet_lite import load_efficientnet_lite0
     from model.evaluation.baseline import InitialBackbone
+    from model.inputs.decode import decode_file
+    from model.towers.efficientnet_lite import load_efficientnet_lite0
 
     bundle = EncoderBundle.load(layout["bundle"], device="cpu")
     initial = InitialBackbone.from_bundle(bundle)

@@ -26,7 +26,7 @@ def main(out: str, manifest: str, towers_dir: str, run_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from model.train import Trainer
+    from model.training.trainer import Trainer
     from tests.model.trainer_support import make_tiny_towers, tiny_config
 
     towers = make_tiny_towers(Path(towers_dir))

@@ -20,10 +20,10 @@ from model.bundle import (
 )
 from model.checkpoint import save_checkpoint
 from model.convirt import build_model
-from model.decode import decode_file
-from model.manifest import read_manifest as read_pairs
-from model.synthetic import generate_corpus
-from model.train_config import train_config_to_dict
+from model.data.manifest import read_manifest as read_pairs
+from model.data.synthetic import generate_corpus
+from model.inputs.decode import decode_file
+from model.training.config import train_config_to_dict
 from tests.model.trainer_support import make_tiny_towers, tiny_config
 
 TEXTS = [
@@ -136,7 +136,7 @@ def test_bundle_embeds_like_the_checkpoint_model(
     bundle: EncoderBundle, checkpoint: Path, images: list[np.ndarray]
 ) -> None:
     from model.checkpoint import load_checkpoint
-    from model.train import model_from_checkpoint
+    from model.training.trainer import model_from_checkpoint
 
     model, _ = model_from_checkpoint(load_checkpoint(checkpoint))
     model.eval()

@@ -15,8 +15,8 @@ from PIL import Image
 
 from model.config import AugmentConfig, ImageTowerConfig, ModelConfig, ProjectionConfig
 from model.convirt import ConVIRT, ModelInputError, build_model
-from model.efficientnet_lite import LITE_MEAN, LITE_STD
 from model.loss import ConVIRTLoss
+from model.towers.efficientnet_lite import LITE_MEAN, LITE_STD
 from model.transforms import EvalTransform
 
 # Every transformers load in these tests reads local files; never reach for the hub.

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from model.datasets import (
+from model.data.datasets import (
     BatchError,
     PairedBatch,
     PairedDataset,
@@ -32,11 +32,11 @@ from model.datasets import (
     mimic_cxr_records,
     split_by_patient,
 )
-from model.decode import ImageDecodeError
+from model.data.manifest import ManifestError, PairedRecord, write_manifest
 from model.errors import ModelError
+from model.inputs.decode import ImageDecodeError
+from model.inputs.reports import SentenceSampler, split_sentences
 from model.labels import CHEXPERT_LABELS
-from model.manifest import ManifestError, PairedRecord, write_manifest
-from model.reports import SentenceSampler, split_sentences
 from model.transforms import EvalTransform
 
 
@@ -147,7 +147,7 @@ def test_mimic_frontal_records_with_reports_labels_and_splits(
 ) -> None:
     root, reports = tmp_path / "mimic-cxr-jpg" / "2.0.0", tmp_path / "mimic-cxr" / "2.0.0"
     _mimic_tree(root, reports)
-    with caplog.at_level(logging.WARNING, logger="model.datasets"):
+    with caplog.at_level(logging.WARNING, logger="model.data.datasets"):
         records = mimic_cxr_records(root, reports)
 
     assert [r.image_path.stem for r in records] == [
@@ -237,7 +237,7 @@ def iu_tree(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_iu_records_one_per_image_on_disk(iu_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="model.datasets"):
+    with caplog.at_level(logging.WARNING, logger="model.data.datasets"):
         records = iu_xray_records(iu_tree)
     assert [r.image_path.name for r in records] == [
         "CXR1_1_IM-0001-3001.png",
@@ -450,7 +450,7 @@ def test_split_by_patient_reassigns_incomplete_explicit_splits(
     # Every record says train (e.g. the test split was filtered out): a validation split
     # is still wanted, so patients are split by hash.
     records = _patients(200, split="train")
-    with caplog.at_level(logging.WARNING, logger="model.datasets"):
+    with caplog.at_level(logging.WARNING, logger="model.data.datasets"):
         parts = split_by_patient(records, {"train": 0.8, "validate": 0.2})
     assert parts["validate"]
     assert "reassigning by patient" in caplog.text

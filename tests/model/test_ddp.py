@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.synthetic import generate_corpus
+from model.data.synthetic import generate_corpus
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ROOT = Path(__file__).resolve().parents[2]

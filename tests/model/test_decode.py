@@ -30,7 +30,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from model.decode import (
+from model.errors import ModelError
+from model.inputs.decode import (
     DEFAULT_MAX_PIXELS,
     ColorDicomError,
     CorruptImageError,
@@ -46,7 +47,6 @@ from model.decode import (
     decode_image,
     sniff_format,
 )
-from model.errors import ModelError
 
 RG1_SHAPE = (1955, 1841)
 PATIENT = {

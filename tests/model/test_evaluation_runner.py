@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from index import VectorIndex
+from model.data.synthetic import write_chexpert_tree
 from model.evaluation.cache import SqliteEmbeddingCache
 from model.evaluation.embedding_map import pca_2d, tsne_2d
 from model.evaluation.errors import EvaluationError, ProtocolError
@@ -39,7 +40,6 @@ from model.evaluation.runner import (
     EvaluationOptions,
     run_evaluation,
 )
-from model.synthetic import write_chexpert_tree
 
 CANDIDATES_PER_CATEGORY = 12
 QUERIES_PER_CATEGORY = 2
@@ -159,7 +159,7 @@ def test_runner_matches_the_exact_index_oracle(layout: tuple[Path, Path]) -> Non
     assert set(result.scores[TEXT_TO_IMAGE]) == {MODEL, RANDOM, RANDOM_EXPECTED}
     assert result.scores[IMAGE_TO_IMAGE][RANDOM_EXPECTED].mean["p@5"] == pytest.approx(1 / 8)
     # Independent oracle: embed the files directly and search a FAISS Flat index.
-    from model.decode import decode_file
+    from model.inputs.decode import decode_file
 
     candidates = _thumbnails(
         [decode_file(root / c.path).pixels for c in protocol.image_candidates], 16

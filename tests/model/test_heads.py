@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from model.config import InvalidConfigError, ProjectionConfig
-from model.heads import ProjectionHead
+from model.towers.heads import ProjectionHead
 
 
 def test_nonlinear_head_is_linear_relu_linear_into_the_shared_dim() -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from model.data.manifest import ManifestError, PairedRecord, read_manifest, write_manifest
 from model.errors import ModelError
 from model.labels import CHEXPERT_LABELS
-from model.manifest import ManifestError, PairedRecord, read_manifest, write_manifest
 
 
 def _records(root: Path) -> list[PairedRecord]:
@@ -119,7 +119,7 @@ def test_unknown_label_names_are_kept_with_a_warning(
 ) -> None:
     line = {"image": "a.png", "report": "r", "patient_id": "p", "labels": {"Nodule": 1}}
     (tmp_path / "m.jsonl").write_text(json.dumps(line) + "\n")
-    with caplog.at_level("WARNING", logger="model.manifest"):
+    with caplog.at_level("WARNING", logger="model.data.manifest"):
         (record,) = read_manifest(tmp_path / "m.jsonl")
     assert record.labels == {"Nodule": 1.0}
     assert "Nodule" in caplog.text

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.data.manifest import PairedRecord, write_manifest
 from model.evaluation.errors import ProtocolError
 from model.evaluation.protocol import (
     CHEXPERT_8X200,
@@ -20,7 +21,6 @@ from model.evaluation.protocol import (
 from model.evaluation.queries import DEFAULT_TEXT_QUERIES, default_text_queries
 from model.evaluation.sampling import LabelledImage, manifest_images, sample_protocol
 from model.labels import CHEXPERT_8X200_CATEGORIES, CHEXPERT_LABELS
-from model.manifest import PairedRecord, write_manifest
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from model.errors import ModelError
-from model.reports import (
+from model.inputs.reports import (
     IUReport,
     ReportError,
     SentenceSampler,

@@ -13,9 +13,8 @@ import pytest
 from PIL import Image
 
 from app.cli import main
-from model.labels import CHEXPERT_8X200_CATEGORIES, CHEXPERT_LABELS
-from model.manifest import read_manifest
-from model.synthetic import (
+from model.data.manifest import read_manifest
+from model.data.synthetic import (
     FINDING_LABELS,
     Finding,
     SyntheticDataError,
@@ -25,6 +24,7 @@ from model.synthetic import (
     render_study,
     write_chexpert_tree,
 )
+from model.labels import CHEXPERT_8X200_CATEGORIES, CHEXPERT_LABELS
 
 # Words by which a reader (or a text encoder) recognises each finding in a report.
 KEYWORDS: dict[str, tuple[str, ...]] = {

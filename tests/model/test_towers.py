@@ -14,15 +14,15 @@ from PIL import Image
 from skimage import data as skdata
 
 from model.config import ImageTowerConfig, InvalidConfigError, TextTowerConfig
-from model.efficientnet_lite import (
+from model.towers.efficientnet_lite import (
     LITE_MEAN,
     LITE_STD,
     EfficientNetLite0,
     efficientnet_lite0_weights_path,
     load_efficientnet_lite0,
 )
-from model.image_towers import EfficientNetLiteTower, HFImageTower, build_image_tower
-from model.text_towers import (
+from model.towers.image import EfficientNetLiteTower, HFImageTower, build_image_tower
+from model.towers.text import (
     TextInputError,
     TextTower,
     default_text_model_dir,
@@ -170,7 +170,7 @@ def test_resnet_tower_loads_a_local_checkpoint_by_path(tmp_path: Path) -> None:
 
 
 def test_resnet50_without_a_path_is_a_random_resnet50(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="model.image_towers"):
+    with caplog.at_level(logging.WARNING, logger="model.towers.image"):
         tower = build_image_tower(ImageTowerConfig(name="resnet50", input_size=64))
     assert "random initialisation" in caplog.text
     assert tower.out_dim == 2048
@@ -285,7 +285,7 @@ def test_embeddings_and_first_layers_are_frozen(max_tower: TextTower) -> None:
 def test_freezing_is_configurable(caplog: pytest.LogCaptureFixture) -> None:
     free = TextTower(TextTowerConfig(freeze_embeddings=False, freeze_layers=0))
     assert _count(free, trainable=False) == 0
-    with caplog.at_level(logging.WARNING, logger="model.text_towers"):
+    with caplog.at_level(logging.WARNING, logger="model.towers.text"):
         frozen = TextTower(TextTowerConfig(freeze_layers=12))
     assert "freezing all" in caplog.text
     assert _count(frozen, trainable=True) == 0

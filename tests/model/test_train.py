@@ -12,10 +12,11 @@ from app.cli import main as cli_main
 from model.bundle import EncoderBundle, export_bundle
 from model.checkpoint import load_checkpoint
 from model.config import InvalidConfigError
-from model.decode import decode_file
-from model.manifest import read_manifest
-from model.synthetic import generate_corpus
-from model.train import (
+from model.data.manifest import read_manifest
+from model.data.synthetic import generate_corpus
+from model.inputs.decode import decode_file
+from model.training.config import dump_train_config, load_train_config
+from model.training.trainer import (
     EpochBatchSampler,
     TrainingDataError,
     read_metrics,
@@ -23,7 +24,6 @@ from model.train import (
     split_records,
     train,
 )
-from model.train_config import dump_train_config, load_train_config
 from tests.model.trainer_support import (
     NO_AUGMENT,
     make_tiny_towers,
@@ -277,7 +277,7 @@ def test_cli_train_then_export(corpus: Path, towers: tuple[Path, Path], tmp_path
 def test_checkpoints_rebuild_their_own_model(
     corpus: Path, towers: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from model.train import model_from_checkpoint
+    from model.training.trainer import model_from_checkpoint
 
     result = train(tiny_config(corpus, tmp_path / "run", towers, "train.max_steps=1"))
     checkpoint = load_checkpoint(result.last_checkpoint)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from model.config import InvalidConfigError
-from model.train_config import (
+from model.training.config import (
     TrainConfig,
     dump_train_config,
     load_train_config,

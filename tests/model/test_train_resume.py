@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
-from model.synthetic import generate_corpus
-from model.train import TrainingDiverged, TrainResult, read_metrics, resume_config, train
+from model.data.synthetic import generate_corpus
+from model.training.trainer import TrainingDiverged, TrainResult, read_metrics, resume_config, train
 from tests.model.trainer_support import make_tiny_towers, tiny_config
 
 # 54 training pairs of the 64-study corpus, batches of 8: 6 optimizer steps per epoch.

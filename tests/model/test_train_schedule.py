@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.errors import ModelError
-from model.schedule import EarlyStopping, LRSchedule
+from model.training.schedule import EarlyStopping, LRSchedule
 
 
 def _optimizer(lr: float = 1.0) -> torch.optim.Optimizer:

@@ -7,9 +7,9 @@ import random
 import pytest
 
 from model.errors import ModelError
-from model.reports import split_sentences
-from model.train import training_text
-from model.train_config import load_train_config
+from model.inputs.reports import split_sentences
+from model.training.config import load_train_config
+from model.training.trainer import training_text
 
 REPORT = (
     "FINDINGS: The heart size is normal. The mediastinal contours are normal. "
@@ -33,7 +33,7 @@ def test_impression_falls_back_to_the_report_without_one() -> None:
 
 
 def test_sampled_sentences_come_from_the_chosen_section() -> None:
-    from model.reports import sample_sentence
+    from model.inputs.reports import sample_sentence
 
     rng = random.Random(0)
     draws = {sample_sentence(training_text(REPORT, "impression"), rng) for _ in range(20)}

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from model.train_config import TrainConfig, load_train_config
+from model.training.config import TrainConfig, load_train_config
 
 
 def make_tiny_towers(root: Path) -> tuple[Path, Path]:
@@ -20,7 +20,7 @@ def make_tiny_towers(root: Path) -> tuple[Path, Path]:
     import torch
     from transformers import BertConfig, BertModel, ResNetConfig, ResNetModel
 
-    from model.text_towers import default_text_model_dir
+    from model.towers.text import default_text_model_dir
 
     image_dir, text_dir = root / "tiny-resnet", root / "tiny-bert"
     if (image_dir / "config.json").is_file() and (text_dir / "config.json").is_file():
@@ -89,7 +89,7 @@ def unique_sentence_manifest(source: Path, out_dir: Path, n_train: int, n_val: i
     """
     import dataclasses
 
-    from model.manifest import read_manifest, write_manifest
+    from model.data.manifest import read_manifest, write_manifest
 
     records = read_manifest(source)[: n_train + n_val]
     rewritten = [

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from model.config import InvalidConfigError, TextTowerConfig
-from model.efficientnet_lite import WeightsUnavailableError
 from model.errors import ModelError
-from model.image_towers import is_local_path
+from model.towers.efficientnet_lite import WeightsUnavailableError
+from model.towers.image import is_local_path
 
 logger = logging.getLogger(__name__)
 

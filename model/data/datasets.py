@@ -1,9 +1,9 @@
 """Paired image–report datasets: one adapter per source, a patient split, a torch Dataset.
 
-Every source is reduced to a list of :class:`model.manifest.PairedRecord` by a small
+Every source is reduced to a list of :class:`model.data.manifest.PairedRecord` by a small
 adapter that reads the source's own layout:
 
-- :func:`manifest_records` — the project's CSV/JSONL manifest (:mod:`model.manifest`);
+- :func:`manifest_records` — the project's CSV/JSONL manifest (:mod:`model.data.manifest`);
 - :func:`mimic_cxr_records` — MIMIC-CXR-JPG images with the MIMIC-CXR report text files;
 - :func:`iu_xray_records` — IU X-ray / Open-i PNG images with their ``ecgen-radiology`` XML;
 - :func:`chexpert_records` — CheXpert's ``train.csv``/``valid.csv``, label-only (no reports).
@@ -32,10 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from model.decode import DEFAULT_MAX_PIXELS, decode_file
-from model.errors import ModelError
-from model.labels import CHEXPERT_LABELS, POSITIVE
-from model.manifest import (
+from model.data.manifest import (
     SPLITS,
     ManifestError,
     PairedRecord,
@@ -43,7 +40,10 @@ from model.manifest import (
     parse_split,
     read_manifest,
 )
-from model.reports import ReportError, parse_iu_report_xml
+from model.errors import ModelError
+from model.inputs.decode import DEFAULT_MAX_PIXELS, decode_file
+from model.inputs.reports import ReportError, parse_iu_report_xml
+from model.labels import CHEXPERT_LABELS, POSITIVE
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class PatientLeakError(ManifestError):
 
 
 def manifest_records(path: str | os.PathLike[str]) -> list[PairedRecord]:
-    """The records of a CSV/JSONL manifest (see :mod:`model.manifest`)."""
+    """The records of a CSV/JSONL manifest (see :mod:`model.data.manifest`)."""
     return read_manifest(path)
 
 
@@ -234,7 +234,7 @@ def iu_xray_records(root: str | os.PathLike[str]) -> list[PairedRecord]:
     file name (``CXR1_1_IM-0001-3001.png``; ``.dcm.png`` as in some re-distributions, and
     ``.jpg``/``.dcm`` work too), in any sub-folder. ``patient_id`` and ``study_id`` are the
     report uid (``CXR1``: IU has one study per patient); the report is the headed text of
-    :attr:`model.reports.IUReport.text`; labels come from :func:`iu_mesh_labels`. Reports
+    :attr:`model.inputs.reports.IUReport.text`; labels come from :func:`iu_mesh_labels`. Reports
     with neither findings nor impression and images not on disk are skipped with a logged
     count. IU has no split and no view position.
     """
@@ -526,9 +526,9 @@ class PairedDataset(Dataset[PairedSample]):
     """Records as a torch Dataset: the image is decoded from disk on every access.
 
     ``transform`` receives the float32 ``(H, W)`` pixels; ``text_sampler`` receives the
-    report text (e.g. :class:`model.reports.SentenceSampler` for ConVIRT's one-sentence
+    report text (e.g. :class:`model.inputs.reports.SentenceSampler` for ConVIRT's one-sentence
     sampling). Both must be picklable for DataLoader workers, as the dataset itself is.
-    Decoding errors keep their type (:class:`model.decode.ImageDecodeError`) and gain a
+    Decoding errors keep their type (:class:`model.inputs.decode.ImageDecodeError`) and gain a
     note naming the file.
     """
 

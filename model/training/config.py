@@ -54,7 +54,7 @@ def _load_yaml(text: str) -> Any:
 
 
 #: The configs shipped with the package, addressable by name (``--config cpu-small``).
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 #: Where a training sentence may be sampled from (``DataConfig.text_section``).
@@ -65,7 +65,7 @@ TEXT_SECTIONS: tuple[str, ...] = ("body", "impression")
 class DataConfig:
     """Where the pairs come from and how they are batched.
 
-    ``source`` is a manifest path (CSV/JSONL, see :mod:`model.manifest`) or an adapter
+    ``source`` is a manifest path (CSV/JSONL, see :mod:`model.data.manifest`) or an adapter
     prefix: ``mimic-cxr:ROOT`` (MIMIC-CXR-JPG) or ``iu-xray:ROOT`` (IU X-ray / Open-i).
     ``batch_size`` is the number of pairs in one contrastive batch, summed over all
     processes under DDP (each process holds ``batch_size / world_size``); the batch is the

@@ -73,7 +73,7 @@ FINDING_LABELS: Final[tuple[str, ...]] = (
 )
 NO_FINDING: Final = "No Finding"
 SEVERITIES: Final[tuple[str, ...]] = ("mild", "moderate", "severe")
-#: Split names, as :mod:`model.manifest` spells them.
+#: Split names, as :mod:`model.data.manifest` spells them.
 SPLIT_NAMES: Final[tuple[str, str, str]] = ("train", "validate", "test")
 #: Bumped whenever a change alters the pixels or reports produced for a seed.
 GENERATOR_VERSION: Final = 2
@@ -1815,11 +1815,11 @@ def generate_corpus(
     applied per patient, so a patient's studies share a split. Images that already exist
     are reused rather than redrawn, which makes a re-run with the same arguments cheap; a
     folder made with another seed or size is refused (``corpus_mismatch``). Returns the
-    manifest's path (format: :mod:`model.manifest`).
+    manifest's path (format: :mod:`model.data.manifest`).
     """
     from tqdm import tqdm
 
-    from model.manifest import PairedRecord, write_manifest
+    from model.data.manifest import PairedRecord, write_manifest
 
     _check_size(size)
     if not isinstance(n, int) or n < 0:

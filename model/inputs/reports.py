@@ -276,7 +276,7 @@ def sample_sentence(report: str, rng: random.Random) -> str:
 
 
 class SentenceSampler:
-    """A picklable ``text_sampler`` for :class:`model.datasets.PairedDataset`.
+    """A picklable ``text_sampler`` for :class:`model.data.datasets.PairedDataset`.
 
     Holds its own seeded generator. DataLoader workers receive copies in the same state,
     so give each worker its own seed (e.g. via ``worker_init_fn``) through :meth:`reseed`

@@ -47,10 +47,9 @@ from model.checkpoint import (
     save_checkpoint,
 )
 from model.config import InvalidConfigError
+from model.data.manifest import PairedRecord
 from model.errors import ModelError
-from model.manifest import PairedRecord
-from model.schedule import EarlyStopping, LRSchedule
-from model.train_config import (
+from model.training.config import (
     TrainConfig,
     apply_overrides,
     dump_train_config,
@@ -58,6 +57,7 @@ from model.train_config import (
     train_config_from_dict,
     train_config_to_dict,
 )
+from model.training.schedule import EarlyStopping, LRSchedule
 
 if TYPE_CHECKING:
     from model.convirt import ConVIRT
@@ -170,7 +170,7 @@ class PairDataset(Dataset[tuple[torch.Tensor, str]]):
 
     ``transform`` is a :class:`model.transforms.TrainTransform` (called with the sample's
     generator) when ``augment`` is True, else an :class:`model.transforms.EvalTransform`.
-    The sentence is drawn with :func:`model.reports.sample_sentence` from the same
+    The sentence is drawn with :func:`model.inputs.reports.sample_sentence` from the same
     generator, seeded by :func:`sample_seed`, out of the report's body or, with
     ``text_section="impression"``, its IMPRESSION section (see ``DataConfig``).
     """
@@ -194,8 +194,8 @@ class PairDataset(Dataset[tuple[torch.Tensor, str]]):
         return len(self.records)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, str]:
-        from model.decode import decode_file
-        from model.reports import sample_sentence
+        from model.inputs.decode import decode_file
+        from model.inputs.reports import sample_sentence
 
         epoch, index = key
         record = self.records[index]
@@ -209,7 +209,7 @@ class PairDataset(Dataset[tuple[torch.Tensor, str]]):
 def training_text(report: str, section: str) -> str:
     """The part of ``report`` that training sentences are sampled from (``text_section``)."""
     if section == "impression":
-        from model.reports import parse_sections
+        from model.inputs.reports import parse_sections
 
         impression = parse_sections(report).get("IMPRESSION", "").strip()
         if impression:
@@ -225,7 +225,7 @@ def collate_pairs(batch: Sequence[tuple[torch.Tensor, str]]) -> tuple[torch.Tens
 
 def load_records(source: str) -> list[PairedRecord]:
     """The paired records of ``data.source``: a manifest path or an adapter prefix."""
-    from model import datasets
+    from model.data import datasets
 
     kind, location = parse_data_source(source)
     if kind == "manifest":
@@ -241,12 +241,12 @@ def split_records(
     """(train, validation) records: patient-disjoint, never touching the ``test`` split.
 
     Records without report text are dropped (they carry nothing to contrast with), and so
-    are records of the ``test`` split. :func:`model.datasets.split_by_patient` keeps the
+    are records of the ``test`` split. :func:`model.data.datasets.split_by_patient` keeps the
     manifest's own ``train``/``validate`` assignment when every record has one (and
     ``data.use_manifest_split`` is on), else assigns whole patients with a seeded hash so
     that ``data.val_fraction`` of them validate.
     """
-    from model.datasets import split_by_patient
+    from model.data.datasets import split_by_patient
 
     data = config.data
     usable = [r for r in records if r.report.strip()]

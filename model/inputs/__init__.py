@@ -1,0 +1,1 @@
+"""What comes in: image decoding (DICOM/PNG/JPEG) and radiology report text."""
