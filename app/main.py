@@ -29,8 +29,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from app.api import evaluations as evaluations_api  # evaluation jobs (issue 6)
 from app.api import health, images, search
 from app.api import web as web_page  # the web page at / (issue 7)
+from app.api.problems import install_problem_handlers
 from app.api.uploads import BodyLimitMiddleware
-from app.errors import install_problem_handlers
 from app.security import ApiKeyMiddleware, encode_keys, require_api_key
 from app.services.evaluations import EvaluationJobs  # evaluation jobs (issue 6)
 from app.services.metrics import Metrics, MetricsMiddleware

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from app.errors import Problem
+from app.api.problems import Problem
 
 LabelValue = float | None
 Labels = dict[str, LabelValue]

@@ -19,7 +19,8 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import ProblemError, problem_response
+from app.api.problems import problem_response, to_problem
+from app.errors import ProblemError
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class ApiKeyMiddleware:
         if problem is None:
             await self.app(scope, receive, send)
             return
-        response = problem_response(problem.to_problem(scope["path"]), problem.headers)
+        response = problem_response(to_problem(problem, scope["path"]), problem.headers)
         await response(scope, receive, send)
 
 

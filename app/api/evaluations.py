@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import func, select
 
 from app.api.deps import ServiceDep, SessionDep
-from app.errors import ProblemError, problem_responses
+from app.api.problems import problem_responses
+from app.errors import ProblemError
 from app.models import EvaluationRun
 from app.security import require_api_key
 from app.services.evaluations import EvaluationJobs, EvaluationRequest, run_duration

@@ -6,7 +6,8 @@ import anyio
 from fastapi import APIRouter, Depends, Request, Response
 
 from app.api.deps import MetricsDep
-from app.errors import ProblemError, problem_responses
+from app.api.problems import problem_responses
+from app.errors import ProblemError
 from app.schemas import HealthPublic, ReadyPublic
 from app.security import require_api_key
 from app.services.runtime import Runtime

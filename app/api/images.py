@@ -11,8 +11,9 @@ from fastapi import APIRouter, Depends, File, Form, Path, Request, Response, Upl
 from fastapi.responses import FileResponse
 
 from app.api.deps import ServiceDep, SessionDep, SettingsDep
+from app.api.problems import MODEL_ERROR_STATUS, problem_responses, to_problem
 from app.api.uploads import field_problem, parse_labels, read_upload, require_content_type
-from app.errors import MODEL_ERROR_STATUS, ProblemError, problem_responses
+from app.errors import ProblemError
 from app.models import Image
 from app.schemas import ImagePublic, UploadResponse, UploadResult
 from app.security import require_api_key
@@ -67,7 +68,7 @@ def _result(index: int, result: IngestResult) -> UploadResult:
         )
     assert result.error is not None
     status = MODEL_ERROR_STATUS.get(result.error.code, 422)
-    problem = ProblemError(status, result.error.code, result.error.message).to_problem()
+    problem = to_problem(ProblemError(status, result.error.code, result.error.message))
     return UploadResult(
         index=index, status="failed", content_hash=result.content_hash, problem=problem
     )

@@ -16,8 +16,9 @@ from starlette.datastructures import UploadFile
 
 from app.api.deps import ServiceDep, SettingsDep
 from app.api.images import thumbnail_url
+from app.api.problems import problem_responses
 from app.api.uploads import field_problem, parse_json_field, read_upload, require_content_type
-from app.errors import ProblemError, problem_responses
+from app.errors import ProblemError
 from app.schemas import (
     ImageSearchCreate,
     SearchFilters,

@@ -11,7 +11,8 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import ProblemError, ProblemFieldError, problem_response
+from app.api.problems import problem_response, to_problem
+from app.errors import ProblemError, ProblemFieldError
 
 #: Bytes read from an upload per step: bounded memory whatever the file's size.
 CHUNK_BYTES: Final = 1024 * 1024
@@ -60,7 +61,7 @@ class BodyLimitMiddleware:
             return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            problem = too_large(self.max_bytes).to_problem(scope["path"])
+            problem = to_problem(too_large(self.max_bytes), scope["path"])
             # The body is never read; the connection closes so the client stops sending.
             await problem_response(problem, {"Connection": "close"})(scope, receive, send)
             return

@@ -10,15 +10,14 @@ from fastapi import FastAPI, HTTPException, Query
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, Field
 
-from app.errors import (
+from app.api.problems import (
     MODEL_ERROR_STATUS,
     PROBLEM_MEDIA_TYPE,
     Problem,
-    ProblemError,
-    ProblemFieldError,
     install_problem_handlers,
     problem_responses,
 )
+from app.errors import ProblemError, ProblemFieldError
 from index.errors import IndexCorruptError, InvalidInputError
 from model.errors import ModelError
 from model.inputs.decode import (
@@ -152,7 +151,7 @@ def test_decode_errors_map_to_415_or_422_with_their_message(
 def test_service_side_model_error_is_a_500_without_details(
     client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="app.errors"):
+    with caplog.at_level(logging.ERROR, logger="app.api.problems"):
         body = _problem(client.post("/decode/bundle"), 500, "internal_error")
     assert "hunter2" not in str(body)
     assert "hunter2" in caplog.text  # the operator still sees what happened
@@ -170,7 +169,7 @@ def test_index_errors_by_code_hiding_server_side_messages(
     body = _problem(client.get("/index/k"), 422, "k_out_of_range")
     assert "5000" in body["detail"]
 
-    with caplog.at_level(logging.ERROR, logger="app.errors"):
+    with caplog.at_level(logging.ERROR, logger="app.api.problems"):
         corrupt = _problem(client.get("/index/corrupt"), 503, "checksum_mismatch")
         internal = _problem(client.get("/index/dim"), 500, "dim_mismatch")
     for problem in (corrupt, internal):
@@ -214,7 +213,7 @@ def test_http_exception_keeps_status_and_detail(client: TestClient) -> None:
 def test_unexpected_exception_is_a_500_with_a_reference_only(
     client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="app.errors"):
+    with caplog.at_level(logging.ERROR, logger="app.api.problems"):
         response = client.get("/crash")
     body = _problem(response, 500, "internal_error")
     assert "hunter2" not in response.text
