@@ -6,8 +6,8 @@ MiniLM-L6) and untrained projection heads, saved as a training checkpoint and ex
 test session; its embeddings are not meaningful for retrieval quality, but they are
 deterministic, normalised and different per input, which is all the API tests rely on.
 
-Test modules import the fixtures they use from here (``from tests.app.service_support
-import ...``).
+The session fixtures built on it (``bundle_dir``, ``bundle``, ``kermany_images``) live in
+``tests/conftest.py``; test modules import the plain helpers below.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 from sqlalchemy import func, select
@@ -33,14 +32,6 @@ from model.bundle import EncoderBundle
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-KERMANY = "data/kermany-16"
-
-#: Label sets of the two Kermany classes, as CheXpert-style labels.
-KERMANY_LABELS: dict[str, dict[str, float | None]] = {
-    "normal": {"No Finding": 1.0, "Pneumonia": 0.0},
-    "bacterial pneumonia": {"No Finding": 0.0, "Pneumonia": 1.0},
-}
 
 
 def build_bundle(out_dir: Path) -> Path:
@@ -66,28 +57,6 @@ def build_bundle(out_dir: Path) -> Path:
         },
     )
     return export_bundle(checkpoint, out_dir / "bundle", name="service-test")
-
-
-@pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_bundle(tmp_path_factory.mktemp("bundle"))
-
-
-@pytest.fixture(scope="session")
-def bundle(bundle_dir: Path) -> EncoderBundle:
-    return EncoderBundle.load(bundle_dir, device="cpu")
-
-
-@pytest.fixture(scope="session")
-def kermany_images(shared_dir: Path) -> list[tuple[bytes, dict[str, float | None]]]:
-    """The 16 real Kermany radiographs (PNG bytes) with their labels."""
-    root = shared_dir / KERMANY
-    rows = (root / "labels.csv").read_text(encoding="utf-8").splitlines()[1:]
-    out = []
-    for row in rows:
-        name, label, _ = row.split(",")
-        out.append(((root / "images" / name).read_bytes(), KERMANY_LABELS[label]))
-    return out
 
 
 def make_settings(data_dir: Path, database_url: str, bundle_dir: Path, **extra: Any) -> Settings:

@@ -16,8 +16,6 @@ from pydicom.data import get_testdata_file
 
 from model.bundle import EncoderBundle
 from tests.app.service_support import (
-    bundle,
-    bundle_dir,
     db_state,
     is_problem,
     make_settings,
@@ -26,8 +24,6 @@ from tests.app.service_support import (
     runtime_of,
     upload,
 )
-
-__all__ = ["bundle", "bundle_dir"]
 
 MAX_UPLOAD = 64 * 1024
 KEY = "k" * 8 + "0123456789abcdef"

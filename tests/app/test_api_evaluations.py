@@ -22,17 +22,12 @@ from app.models import CachedEmbedding, EvaluationRun, utcnow
 from app.services.evaluations import EvaluationJobs
 from model.bundle import EncoderBundle
 from tests.app.service_support import (
-    bundle,
-    bundle_dir,
     is_problem,
-    kermany_images,
     make_settings,
     running_app,
     runtime_of,
     upload,
 )
-
-__all__ = ["bundle", "bundle_dir", "kermany_images"]
 
 #: Kermany: 8 normal and 8 pneumonia radiographs, one positive label each.
 STORED_RUN: dict[str, Any] = {

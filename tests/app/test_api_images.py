@@ -16,19 +16,14 @@ from model.bundle import EncoderBundle
 from model.inputs.decode import decode_image
 from tests.app.service_support import (
     assert_consistent,
-    bundle,
-    bundle_dir,
     db_state,
     is_problem,
-    kermany_images,
     make_settings,
     noise_png,
     running_app,
     runtime_of,
     upload,
 )
-
-__all__ = ["bundle", "bundle_dir", "kermany_images"]
 
 
 @pytest.fixture

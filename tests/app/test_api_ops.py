@@ -20,19 +20,14 @@ from index import VectorIndex, VectorIndexError
 from model.bundle import EncoderBundle
 from tests.app.service_support import (
     assert_consistent,
-    bundle,
-    bundle_dir,
     db_state,
     is_problem,
-    kermany_images,
     make_settings,
     noise_png,
     running_app,
     runtime_of,
     upload,
 )
-
-__all__ = ["bundle", "bundle_dir", "kermany_images"]
 
 
 @pytest.fixture

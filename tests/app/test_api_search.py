@@ -25,17 +25,12 @@ from app.services.runtime import Runtime
 from model.bundle import EncoderBundle
 from tests.app.conftest import PostgresServer
 from tests.app.service_support import (
-    bundle,
-    bundle_dir,
     is_problem,
-    kermany_images,
     make_settings,
     running_app,
     runtime_of,
     upload,
 )
-
-__all__ = ["bundle", "bundle_dir", "kermany_images"]
 
 QUERY = "right lower lobe consolidation consistent with pneumonia"
 

@@ -27,14 +27,10 @@ from model.data.manifest import read_manifest
 from model.data.synthetic import generate_corpus
 from tests.app.service_support import (
     assert_consistent,
-    bundle,
-    bundle_dir,
     make_settings,
     running_app,
     runtime_of,
 )
-
-__all__ = ["bundle", "bundle_dir"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CORPUS_SIZE = 96

@@ -22,15 +22,11 @@ from sqlalchemy import MetaData, create_engine, select
 from app.models import Image
 from model.bundle import EncoderBundle
 from tests.app.service_support import (
-    bundle,
-    bundle_dir,
     make_settings,
     running_app,
     runtime_of,
     upload,
 )
-
-__all__ = ["bundle", "bundle_dir"]
 
 PATIENT_NAME = "Doe^Jane"
 PATIENT_ID = "PID-998877"

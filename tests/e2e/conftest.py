@@ -30,10 +30,7 @@ from app.main import create_app
 from app.settings import Settings
 from model.bundle import EncoderBundle
 from model.data.manifest import PairedRecord, read_manifest
-from tests.app.service_support import bundle, bundle_dir, kermany_images
 from tests.environment import missing_tool
-
-__all__ = ["bundle", "bundle_dir", "kermany_images"]
 
 API_KEY = "e2e-test-key-0123456789"
 #: Synthetic studies uploaded to the live service.
