@@ -89,52 +89,52 @@ so a crash leaves the previous save intact. ``load(dir)`` checks the manifest, t
 expected model id and dimension, and the sha256 of every file before FAISS parses it, and
 raises an ``IndexFileError`` on any mismatch so the caller rebuilds from the database.
 One process writes a given directory at a time.
+
+Modules
+-------
+This module holds ``VectorIndex``; ``index.checks`` validates vectors, ids and integers,
+``index.kinds`` builds the FAISS index for a factory string, ``index.storage`` writes and
+verifies the files, ``index.manifest`` describes them and ``index.rwlock`` is the lock.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, NoReturn
+from typing import Any
 
 import faiss
 import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
+from index.checks import (
+    MAX_K,
+    FloatArray,
+    IdArray,
+    check_ids,
+    check_positive_int,
+    check_vectors,
+)
 from index.errors import (
     IndexConfigError,
     IndexCorruptError,
     IndexFileError,
-    IndexMismatchError,
     IndexStateError,
     InvalidInputError,
 )
-from index.manifest import MANIFEST_NAME, METRIC, IndexManifest
+from index.kinds import DEFAULT_FACTORY, Kind, ivf_ids, make_faiss_index
+from index.manifest import METRIC, IndexManifest
 from index.rwlock import ReadWriteLock
+from index.storage import commit_manifest, read_saved, write_data_files
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["flat", "hnsw", "ivf"]
-FloatArray = npt.NDArray[np.float32]
-IdArray = npt.NDArray[np.int64]
-
-DEFAULT_FACTORY = "Flat"
-#: Default IVF lists probed per query; per-call ``nprobe`` overrides it.
-DEFAULT_NPROBE = 32
-#: Default HNSW candidate-list size per query; per-call ``ef_search`` overrides it.
-DEFAULT_EF_SEARCH = 128
-#: Largest ``k`` a search accepts.
-MAX_K = 4096
-#: Largest allowed ``|‖x‖² − 1|`` for a vector to count as L2-normalised.
-NORM_TOLERANCE = 1e-3
 #: ``rebuild`` trains IVF on this many vectors per inverted list (FAISS wants ≥ 39).
 TRAIN_POINTS_PER_LIST = 64
 #: Training sample for kinds whose encoder is trained without lists (PQ/SQ storage).
@@ -143,240 +143,8 @@ DEFAULT_TRAIN_SAMPLE = 65_536
 COMPACT_RATIO = 0.2
 #: Vectors reconstructed per step while compacting a graph.
 _COMPACT_CHUNK = 65_536
-_ID_MAX = np.iinfo(np.int64).max
 #: Distinct per-call parameter values whose FAISS parameter objects are kept.
 _PARAMS_CACHE_SIZE = 64
-
-
-def l2_normalize(vectors: npt.ArrayLike) -> FloatArray:
-    """Return ``vectors`` (N, D) as float32 rows of unit L2 norm; zero rows stay zero."""
-    x = np.asarray(vectors, dtype=np.float32)  # (N, D)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)  # (N, 1)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)  # (N, D)
-
-
-def _check_vectors(vectors: npt.ArrayLike, dim: int, what: str) -> FloatArray:
-    """Validate (N, dim) unit vectors and return them as C-contiguous float32.
-
-    This runs on every search, so the common case costs a handful of NumPy calls; the
-    diagnosis of what is wrong runs only on failure.
-    """
-    arr = vectors if isinstance(vectors, np.ndarray) else np.asarray(vectors)
-    if arr.dtype.kind != "f":
-        raise InvalidInputError(
-            f"{what} must be floating point, got dtype {arr.dtype}", code="bad_dtype"
-        )
-    if arr.ndim != 2:
-        raise InvalidInputError(
-            f"{what} must be a 2-D array (N, {dim}), got shape {arr.shape}", code="bad_shape"
-        )
-    if arr.shape[1] != dim:
-        raise InvalidInputError(
-            f"{what} have dimension {arr.shape[1]}, the index has {dim}", code="dim_mismatch"
-        )
-    x = arr
-    if x.dtype != np.float32 or not x.flags.c_contiguous:
-        x = np.ascontiguousarray(x, dtype=np.float32)  # (N, dim)
-    # NaN or ±inf makes a squared norm non-finite and every comparison below false, so the
-    # norm test covers finiteness too.
-    if x.shape[0] == 1:
-        # np.dot on two 1-D rows skips the ufunc machinery: ~0.5 µs against ~5-10 µs for
-        # einsum or a reduction, which matters on the single-query path.
-        row_sq = float(np.dot(x[0], x[0]))
-        ok = abs(row_sq - 1.0) <= NORM_TOLERANCE
-    elif x.shape[0] == 0:
-        ok = True
-    else:
-        sq = np.einsum("ij,ij->i", x, x)  # (N,)
-        ok = bool(sq.min() >= 1.0 - NORM_TOLERANCE) and bool(sq.max() <= 1.0 + NORM_TOLERANCE)
-    if not ok:
-        _raise_vector_error(x, what)
-    return x
-
-
-def _raise_vector_error(x: FloatArray, what: str) -> NoReturn:
-    finite = np.isfinite(x).all(axis=1)  # (N,)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite)[0])
-        raise InvalidInputError(f"{what} row {row} has NaN or inf", code="non_finite")
-    norms = np.linalg.norm(x.astype(np.float64), axis=1)  # (N,)
-    row = int(np.argmax(np.abs(norms**2 - 1.0)))
-    raise InvalidInputError(
-        f"{what} row {row} has L2 norm {float(norms[row]):.6f}, expected 1 "
-        "(the index stores L2-normalised vectors; see index.l2_normalize)",
-        code="not_normalized",
-    )
-
-
-def _check_ids(ids: npt.ArrayLike) -> IdArray:
-    """Validate a 1-D array of non-negative integer ids and return it as int64."""
-    arr = np.asarray(ids)
-    if arr.ndim != 1:
-        raise InvalidInputError(f"ids must be 1-D, got shape {arr.shape}", code="bad_shape")
-    if arr.size == 0:
-        return np.empty(0, dtype=np.int64)
-    if arr.dtype.kind not in "iu":
-        raise InvalidInputError(f"ids must be integers, got dtype {arr.dtype}", code="bad_dtype")
-    if arr.dtype.kind == "u" and int(arr.max()) > _ID_MAX:
-        raise InvalidInputError("ids must fit in int64", code="bad_id")
-    out = arr.astype(np.int64, copy=False)
-    if int(out.min()) < 0:
-        # -1 pads missing results, so negative ids would be ambiguous.
-        raise InvalidInputError("ids must be non-negative", code="bad_id")
-    return out
-
-
-def _check_positive_int(value: object, name: str, code: str, upper: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise InvalidInputError(f"{name} must be an integer, got {value!r}", code=code)
-    number = int(value)
-    if number < 1 or (upper is not None and number > upper):
-        bound = f"1..{upper}" if upper is not None else ">= 1"
-        raise InvalidInputError(f"{name} must be in {bound}, got {number}", code=code)
-    return number
-
-
-def _make_faiss_index(factory: str, dim: int) -> tuple[faiss.Index, Kind]:
-    """Build the empty FAISS index for ``factory`` and say which kind it is."""
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise IndexConfigError(f"dim must be a positive integer, got {dim!r}", code="bad_dim")
-    if not isinstance(factory, str) or not factory.strip():
-        raise IndexConfigError("the factory string is empty", code="bad_factory")
-    if "IDMap" in factory:
-        raise IndexConfigError(
-            f"factory {factory!r}: leave out IDMap, the index maps ids itself",
-            code="unsupported_factory",
-        )
-    try:
-        raw = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise IndexConfigError(
-            f"FAISS cannot build factory {factory!r}: {exc}", code="bad_factory"
-        ) from exc
-    # index_factory already returns the most derived class and owns the C++ object;
-    # downcast_index would hand back a non-owning proxy that dangles once ``raw`` is freed.
-    inner = raw
-    if isinstance(inner, faiss.IndexHNSW):
-        inner.hnsw.efSearch = DEFAULT_EF_SEARCH
-        return inner, "hnsw"
-    if isinstance(inner, faiss.IndexIVF):
-        inner.nprobe = min(DEFAULT_NPROBE, inner.nlist)
-        return inner, "ivf"
-    if isinstance(inner, faiss.IndexFlatCodes):
-        # IndexIDMap (not IDMap2: no reverse map needed) keeps database ids; Flat removal
-        # shifts positions and IndexIDMap compacts its id table to match.
-        return faiss.IndexIDMap(inner), "flat"
-    raise IndexConfigError(
-        f"factory {factory!r} builds {type(inner).__name__}; supported are flat codes "
-        "(Flat, SQ8, PQ…), HNSW… and IVF… indexes",
-        code="unsupported_factory",
-    )
-
-
-def _kind_of(index: faiss.Index) -> Kind:
-    if isinstance(index, faiss.IndexHNSW):
-        return "hnsw"
-    if isinstance(index, faiss.IndexIVF):
-        return "ivf"
-    if isinstance(index, faiss.IndexIDMap) and isinstance(
-        faiss.downcast_index(index.index), faiss.IndexFlatCodes
-    ):
-        return "flat"
-    raise IndexCorruptError(
-        f"the saved index is a {type(index).__name__}, which this package never writes",
-        code="content_mismatch",
-    )
-
-
-def _ivf_ids(ivf: Any) -> IdArray:
-    """All ids stored in the inverted lists of ``ivf``, in list order."""
-    invlists: Any = ivf.invlists
-    parts: list[IdArray] = []
-    for list_no in range(ivf.nlist):
-        size = int(invlists.list_size(list_no))
-        if size == 0:
-            continue
-        ptr = invlists.get_ids(list_no)
-        try:
-            parts.append(faiss.rev_swig_ptr(ptr, size).astype(np.int64, copy=True))
-        finally:
-            invlists.release_ids(list_no, ptr)
-    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-
-
-class _HashingWriter:
-    """A write-only file object that hashes what passes through it."""
-
-    def __init__(self, file: BinaryIO) -> None:
-        self._file = file
-        self.sha256 = hashlib.sha256()
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        self.sha256.update(data)
-        return self._file.write(data)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_hashed(
-    directory: Path, stem: str, suffix: str, write: Callable[[_HashingWriter], None]
-) -> tuple[str, str]:
-    """Write a file durably under a content-derived name; return (name, "sha256:<hex>")."""
-    tmp = directory / f".{stem}-{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "wb") as file:
-            writer = _HashingWriter(file)
-            write(writer)
-            file.flush()
-            os.fsync(file.fileno())
-        digest = writer.sha256.hexdigest()
-        name = f"{stem}-{digest[:16]}{suffix}"
-        os.replace(tmp, directory / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return name, f"sha256:{digest}"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.stem}-{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 22):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
-
-
-def _verify_file(path: Path, checksum: str) -> None:
-    try:
-        actual = _sha256_file(path)
-    except FileNotFoundError as exc:
-        raise IndexCorruptError(f"{path} is missing", code="file_missing") from exc
-    except OSError as exc:
-        raise IndexCorruptError(f"{path} cannot be read: {exc}", code="file_missing") from exc
-    if actual != checksum:
-        raise IndexCorruptError(
-            f"{path} has {actual}, the manifest says {checksum}: torn or altered file",
-            code="checksum_mismatch",
-        )
 
 
 class VectorIndex:
@@ -426,7 +194,7 @@ class VectorIndex:
         elif kind == "flat":
             live = faiss.vector_to_array(raw.id_map).astype(np.int64, copy=False)
         else:
-            live = _ivf_ids(raw)
+            live = ivf_ids(raw)
         self._live: IdArray = np.sort(live)
         if self._live.size > 1 and bool((self._live[1:] == self._live[:-1]).any()):
             raise IndexCorruptError("the index holds an id twice", code="content_mismatch")
@@ -446,7 +214,7 @@ class VectorIndex:
             raise IndexConfigError(
                 f"model_id must be a string, got {model_id!r}", code="bad_model_id"
             )
-        raw, kind = _make_faiss_index(factory, dim)
+        raw, kind = make_faiss_index(factory, dim)
         return cls(raw, kind=kind, factory=factory, model_id=model_id)
 
     @classmethod
@@ -475,7 +243,7 @@ class VectorIndex:
         need: int | None = None
         if not index.is_trained:
             need = (
-                _check_positive_int(train_sample, "train_sample", "bad_train_sample")
+                check_positive_int(train_sample, "train_sample", "bad_train_sample")
                 if train_sample is not None
                 else index._default_train_sample()
             )
@@ -584,15 +352,15 @@ class VectorIndex:
     def _check_batch(
         self, ids: npt.ArrayLike, vectors: npt.ArrayLike
     ) -> tuple[IdArray, FloatArray]:
-        ids64 = _check_ids(ids)
-        x = _check_vectors(vectors, self._dim, "vectors")
+        ids64 = check_ids(ids)
+        x = check_vectors(vectors, self._dim, "vectors")
         if ids64.size != x.shape[0]:
             raise InvalidInputError(f"{ids64.size} ids for {x.shape[0]} vectors", code="bad_shape")
         return ids64, x
 
     def train(self, vectors: npt.ArrayLike) -> None:
         """Train the quantiser of an IVF/PQ/SQ index on (N, dim) unit vectors."""
-        x = _check_vectors(vectors, self._dim, "training vectors")
+        x = check_vectors(vectors, self._dim, "training vectors")
         if self._kind == "ivf" and x.shape[0] < int(self._index.nlist):
             raise IndexStateError(
                 f"{x.shape[0]} training vectors for {self._index.nlist} IVF lists",
@@ -663,7 +431,7 @@ class VectorIndex:
         For HNSW this may compact the graph (see ``COMPACT_RATIO``), which takes as long as
         a rebuild but does not block searches.
         """
-        wanted = np.unique(_check_ids(ids))
+        wanted = np.unique(check_ids(ids))
         if wanted.size == 0:
             return 0
         with self._write_mutex:
@@ -722,7 +490,7 @@ class VectorIndex:
         started = time.perf_counter()
         dropped = self._dead
         live_slots = np.flatnonzero(self._labels[:-1] >= 0)
-        fresh: Any = _make_faiss_index(self._factory, self._dim)[0]
+        fresh: Any = make_faiss_index(self._factory, self._dim)[0]
         fresh.hnsw.efSearch = self._index.hnsw.efSearch
         if not fresh.is_trained:
             take = live_slots[: max(DEFAULT_TRAIN_SAMPLE, 1)]
@@ -761,12 +529,12 @@ class VectorIndex:
         than ``k`` results is padded with id -1 and score -inf. ``nprobe`` applies to IVF,
         ``ef_search`` to HNSW, for this call only.
         """
-        q = _check_vectors(queries, self._dim, "queries")
-        k = _check_positive_int(k, "k", "k_out_of_range", MAX_K)
+        q = check_vectors(queries, self._dim, "queries")
+        k = check_positive_int(k, "k", "k_out_of_range", MAX_K)
         if nprobe is not None:
-            nprobe = _check_positive_int(nprobe, "nprobe", "bad_search_param")
+            nprobe = check_positive_int(nprobe, "nprobe", "bad_search_param")
         if ef_search is not None:
-            ef_search = _check_positive_int(ef_search, "ef_search", "bad_search_param")
+            ef_search = check_positive_int(ef_search, "ef_search", "bad_search_param")
         self._lock.acquire_read()
         try:
             if q.shape[0] == 0 or self._index.ntotal == 0:
@@ -834,24 +602,8 @@ class VectorIndex:
             path.mkdir(parents=True, exist_ok=True)
             with self._write_mutex:
                 started = time.perf_counter()
-                index = self._index
-
-                def write_index(writer: _HashingWriter) -> None:
-                    # PyCallbackIOWriter is missing from faiss's bundled stubs.
-                    callback = faiss.PyCallbackIOWriter(writer.write)  # type: ignore[attr-defined]
-                    faiss.write_index(index, callback)
-
-                index_file, checksum = _write_hashed(path, "index", ".faiss", write_index)
-                labels_file = labels_checksum = None
-                if self._labels is not None:
-                    labels = self._labels[:-1]
-
-                    def write_labels(writer: _HashingWriter) -> None:
-                        np.save(writer, labels, allow_pickle=False)
-
-                    labels_file, labels_checksum = _write_hashed(
-                        path, "labels", ".npy", write_labels
-                    )
+                labels = self._labels[:-1] if self._labels is not None else None
+                files = write_data_files(path, self._index, labels)
                 manifest = IndexManifest(
                     model_id=self._model_id,
                     dim=self._dim,
@@ -859,18 +611,15 @@ class VectorIndex:
                     factory=self._factory,
                     kind=self._kind,
                     count=self.ntotal,
-                    checksum=checksum,
+                    checksum=files.checksum,
                     faiss_version=faiss.__version__,
                     created=datetime.now(UTC).isoformat(timespec="seconds"),
-                    index_file=index_file,
-                    labels_file=labels_file,
-                    labels_checksum=labels_checksum,
+                    index_file=files.index_file,
+                    labels_file=files.labels_file,
+                    labels_checksum=files.labels_checksum,
                 )
-                _write_text_atomic(path / MANIFEST_NAME, manifest.to_json())
-                _fsync_dir(path)
+                commit_manifest(path, manifest)
                 self._manifest = manifest
-                # Still under the mutex, so a concurrent save's temporary files are safe.
-                self._remove_stale_files(path, keep={index_file, labels_file})
         except (OSError, RuntimeError) as exc:
             raise IndexFileError(
                 f"cannot save the index to {path}: {exc}", code="save_failed"
@@ -883,17 +632,6 @@ class VectorIndex:
             time.perf_counter() - started,
         )
         return manifest
-
-    @staticmethod
-    def _remove_stale_files(path: Path, keep: set[str | None]) -> None:
-        for pattern in ("index-*.faiss", "labels-*.npy", ".index-*.tmp", ".labels-*.tmp"):
-            for stale in path.glob(pattern):
-                if stale.name not in keep:
-                    try:
-                        stale.unlink()
-                    except OSError as exc:
-                        # The new save is committed already; a leftover file only costs space.
-                        logger.warning("cannot delete stale index file %s: %s", stale, exc)
 
     @classmethod
     def load(
@@ -911,72 +649,14 @@ class VectorIndex:
         """
         path = Path(directory)
         started = time.perf_counter()
-        try:
-            text = (path / MANIFEST_NAME).read_text(encoding="utf-8")
-        except FileNotFoundError as exc:
-            raise IndexCorruptError(
-                f"no {MANIFEST_NAME} in {path}", code="manifest_missing"
-            ) from exc
-        except (OSError, UnicodeDecodeError) as exc:
-            raise IndexCorruptError(
-                f"cannot read {path / MANIFEST_NAME}: {exc}", code="manifest_invalid"
-            ) from exc
-        manifest = IndexManifest.from_json(text)
-        if expected_model_id is not None and manifest.model_id != expected_model_id:
-            raise IndexMismatchError(
-                f"index at {path} was built for model {manifest.model_id!r}, "
-                f"expected {expected_model_id!r}",
-                code="model_mismatch",
-            )
-        if expected_dim is not None and manifest.dim != expected_dim:
-            raise IndexMismatchError(
-                f"index at {path} holds {manifest.dim}-d vectors, expected {expected_dim}",
-                code="dim_mismatch",
-            )
-        # Checksums first: FAISS must never parse bytes that might be torn or tampered with.
-        _verify_file(path / manifest.index_file, manifest.checksum)
-        labels: IdArray | None = None
-        if manifest.labels_file is not None:
-            if manifest.labels_checksum is None:
-                raise IndexCorruptError("labels file without a checksum", code="manifest_invalid")
-            _verify_file(path / manifest.labels_file, manifest.labels_checksum)
-            try:
-                labels = np.load(path / manifest.labels_file, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise IndexCorruptError(
-                    f"cannot read the labels: {exc}", code="content_mismatch"
-                ) from exc
-        try:
-            # read_index returns the most derived class already (and owns it).
-            raw = faiss.read_index(str(path / manifest.index_file))
-        except RuntimeError as exc:
-            raise IndexCorruptError(
-                f"FAISS cannot read {manifest.index_file}: {exc}", code="content_mismatch"
-            ) from exc
-        kind = _kind_of(raw)
-        problems: list[str] = []
-        if kind != manifest.kind:
-            problems.append(f"kind {kind} != {manifest.kind}")
-        if raw.d != manifest.dim:
-            problems.append(f"dim {raw.d} != {manifest.dim}")
-        if raw.metric_type != faiss.METRIC_INNER_PRODUCT:
-            problems.append("metric is not inner product")
-        if kind == "hnsw":
-            if labels is None or labels.dtype != np.int64 or labels.shape != (raw.ntotal,):
-                problems.append("HNSW labels missing or not one int64 per stored vector")
-        elif labels is not None:
-            problems.append(f"labels file for a {kind} index")
-        if problems:
-            raise IndexCorruptError(
-                f"index at {path} does not match its manifest: {'; '.join(problems)}",
-                code="content_mismatch",
-            )
+        saved = read_saved(path, expected_model_id=expected_model_id, expected_dim=expected_dim)
+        manifest = saved.manifest
         index = cls(
-            raw,
-            kind=kind,
+            saved.faiss_index,
+            kind=saved.kind,
             factory=manifest.factory,
             model_id=manifest.model_id,
-            labels=labels,
+            labels=saved.labels,
             manifest=manifest,
         )
         if index.ntotal != manifest.count:
