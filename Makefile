@@ -17,9 +17,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Style, then the architecture (import contracts in pyproject.toml), then dead code
+# (vulture, with vulture_whitelist.py naming what only frameworks call).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/vulture
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -38,4 +42,4 @@ demo: $(STAMP)
 	$(VENV)/bin/convirt demo
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache

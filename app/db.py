@@ -59,7 +59,7 @@ class MigrationsNotFoundError(AppError):
     code = "migrations_not_found"
 
 
-def _set_sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+def _set_sqlite_pragmas(dbapi_connection: Any, _connection_record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA foreign_keys=ON")
@@ -117,20 +117,6 @@ def create_engine_for(settings: Settings) -> Engine:
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions bound to ``engine``; objects stay readable after commit."""
     return sessionmaker(bind=engine, expire_on_commit=False)
-
-
-@contextmanager
-def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """A session that commits when the block ends and rolls back if it raises."""
-    session = factory()
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def ping(engine: Engine) -> bool:

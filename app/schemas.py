@@ -17,24 +17,6 @@ LabelValue = float | None
 Labels = dict[str, LabelValue]
 
 
-class ImageCreate(BaseModel):
-    """What an upload may say about its images besides the files (the multipart fields)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    report_text: str | None = Field(default=None, description="Free-text radiology report.")
-    labels: Labels | None = Field(
-        default=None,
-        description="Observation name → 1 (positive), 0 (negative), -1 (uncertain) or null.",
-        examples=[{"Cardiomegaly": 1, "Pleural Effusion": 0}],
-    )
-    study_ref: str | None = Field(
-        default=None,
-        max_length=256,
-        description="The caller's own study reference. Do not put patient identifiers here.",
-    )
-
-
 class ImagePublic(BaseModel):
     """One stored image: technical metadata, labels and report; never patient identifiers."""
 

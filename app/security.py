@@ -10,7 +10,6 @@ close to. Keys are never logged.
 from __future__ import annotations
 
 import hmac
-import logging
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -21,8 +20,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.problems import problem_response, to_problem
 from app.errors import ProblemError
-
-logger = logging.getLogger(__name__)
 
 # auto_error=False: a missing key must become our own 401 problem, not FastAPI's plain 403.
 # Declaring both schemes here is what makes them appear in the OpenAPI document.
@@ -116,6 +113,3 @@ async def require_api_key(
     problem = check_credentials(api_key, authorization, keys)
     if problem is not None:
         raise problem
-
-
-ApiKeyDep = Annotated[None, Depends(require_api_key)]

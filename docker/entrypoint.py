@@ -175,7 +175,7 @@ def run_step(argv: Sequence[str]) -> None:
     child = subprocess.Popen(command)
     received: list[int] = []
 
-    def forward(signum: int, frame: FrameType | None) -> None:
+    def forward(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
         child.send_signal(signum)
 
@@ -219,7 +219,7 @@ def prepare(settings: Settings) -> None:
         run_step(["demo", "--no-serve", "--no-progress", *demo_arguments()])
 
 
-def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+def _exit_on_signal(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 

@@ -1,4 +1,4 @@
-"""Dependencies of the routes, as ``Annotated`` aliases: ``SettingsDep``, ``ServiceDep``…
+"""Dependencies of the routes, as ``Annotated`` aliases: ``SettingsDep``, ``RuntimeDep``…
 
 Everything comes from ``request.app.state``, filled by the app's lifespan
 (:func:`app.main.create_app`); nothing is a module-level singleton, so several apps with
@@ -14,9 +14,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from app.errors import ProblemError
-from app.services.ingest import IngestService
 from app.services.metrics import Metrics
-from app.services.retrieval import RetrievalService
 from app.services.runtime import Runtime
 from app.settings import Settings
 
@@ -51,17 +49,7 @@ def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
-def get_ingest(runtime: Annotated[Runtime, Depends(get_runtime)]) -> IngestService:
-    return runtime.ingest
-
-
-def get_retrieval(runtime: Annotated[Runtime, Depends(get_runtime)]) -> RetrievalService:
-    return runtime.retrieval
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-ServiceDep = Annotated[Runtime, Depends(get_runtime)]
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SessionDep = Annotated[Session, Depends(get_session)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-IngestDep = Annotated[IngestService, Depends(get_ingest)]
-RetrievalDep = Annotated[RetrievalService, Depends(get_retrieval)]

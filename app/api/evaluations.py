@@ -10,21 +10,18 @@ be readable by the service's process.
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any, Final, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import func, select
 
-from app.api.deps import ServiceDep, SessionDep
+from app.api.deps import RuntimeDep, SessionDep
 from app.api.problems import problem_responses
 from app.errors import ProblemError
 from app.models import EvaluationRun
 from app.security import require_api_key
 from app.services.evaluations import EvaluationJobs, EvaluationRequest, run_duration
-
-logger = logging.getLogger(__name__)
 
 router = APIRouter(
     prefix="/evaluations", tags=["evaluations"], dependencies=[Depends(require_api_key)]
@@ -184,7 +181,7 @@ JobsDep = Annotated[EvaluationJobs, Depends(get_jobs)]
     responses=problem_responses(409, 422, 503),
 )
 def create_evaluation(
-    body: EvaluationCreate, request: Request, response: Response, runtime: ServiceDep, jobs: JobsDep
+    body: EvaluationCreate, request: Request, response: Response, runtime: RuntimeDep, jobs: JobsDep
 ) -> EvaluationPublic:
     # A sync route: FastAPI runs it in a worker thread, and reading the protocol files and
     # checking that every image exists (thousands of stats) must not block the event loop.
@@ -201,7 +198,7 @@ def create_evaluation(
 )
 def list_evaluations(
     session: SessionDep,
-    runtime: ServiceDep,
+    runtime: RuntimeDep,
     jobs: JobsDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
@@ -224,7 +221,7 @@ def list_evaluations(
     responses=problem_responses(404, 503),
 )
 def get_evaluation(
-    run_id: RunId, session: SessionDep, runtime: ServiceDep, jobs: JobsDep
+    run_id: RunId, session: SessionDep, runtime: RuntimeDep, jobs: JobsDep
 ) -> EvaluationPublic:
     jobs.recover(runtime.sessions)
     run = session.get(EvaluationRun, run_id)

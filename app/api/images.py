@@ -10,7 +10,7 @@ import anyio
 from fastapi import APIRouter, Depends, File, Form, Path, Request, Response, UploadFile
 from fastapi.responses import FileResponse
 
-from app.api.deps import ServiceDep, SessionDep, SettingsDep
+from app.api.deps import RuntimeDep, SessionDep, SettingsDep
 from app.api.problems import MODEL_ERROR_STATUS, problem_responses, to_problem
 from app.api.uploads import field_problem, parse_labels, read_upload, require_content_type
 from app.errors import ProblemError
@@ -102,7 +102,7 @@ def _all_failed(results: list[UploadResult]) -> ProblemError:
 )
 async def upload_images(
     request: Request,
-    runtime: ServiceDep,
+    runtime: RuntimeDep,
     settings: SettingsDep,
     files: Annotated[
         list[UploadFile],
@@ -228,7 +228,7 @@ def get_image(image_id: ImageId, request: Request, session: SessionDep) -> Image
         **problem_responses(401, 404, 503),
     },
 )
-def get_thumbnail(image_id: ImageId, runtime: ServiceDep, session: SessionDep) -> FileResponse:
+def get_thumbnail(image_id: ImageId, runtime: RuntimeDep, session: SessionDep) -> FileResponse:
     row = session.get(Image, image_id)
     if row is None:
         raise _not_found(image_id)
@@ -247,7 +247,7 @@ def get_thumbnail(image_id: ImageId, runtime: ServiceDep, session: SessionDep) -
     summary="Delete an image from the database, the index and the files",
     responses=problem_responses(401, 404, 503),
 )
-async def delete_image(image_id: ImageId, runtime: ServiceDep) -> Response:
+async def delete_image(image_id: ImageId, runtime: RuntimeDep) -> Response:
     deleted = await anyio.to_thread.run_sync(runtime.delete_image, image_id)
     if not deleted:
         raise _not_found(image_id)

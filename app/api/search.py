@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Final
 
@@ -14,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from app.api.deps import ServiceDep, SettingsDep
+from app.api.deps import RuntimeDep, SettingsDep
 from app.api.images import thumbnail_url
 from app.api.problems import problem_responses
 from app.api.uploads import field_problem, parse_json_field, read_upload, require_content_type
@@ -32,8 +31,6 @@ from app.services.retrieval import Filters, Hit
 from app.services.runtime import Runtime
 from app.settings import Settings
 from index import MAX_K
-
-logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/search", tags=["search"], dependencies=[Depends(require_api_key)])
 
@@ -92,7 +89,7 @@ def _encode_text(runtime: Runtime, query: str) -> npt.NDArray[np.float32]:
 async def search_text(
     body: TextSearchCreate,
     request: Request,
-    runtime: ServiceDep,
+    runtime: RuntimeDep,
     settings: SettingsDep,
 ) -> SearchPublic:
     """Up to ``k`` images ranked by similarity to the query, best first.
@@ -185,7 +182,7 @@ def _validated(model: type[BaseModel], data: Any, loc_prefix: tuple[str, ...]) -
 )
 async def search_image(
     request: Request,
-    runtime: ServiceDep,
+    runtime: RuntimeDep,
     settings: SettingsDep,
 ) -> SearchPublic:
     """Up to ``k`` images ranked by similarity to an example image, best first.

@@ -165,13 +165,7 @@ class EvaluationJobs:
         self._job: _Job | None = None
         self._recovered = False
 
-    # -- queries -------------------------------------------------------------------------
-
-    def running_id(self) -> int | None:
-        """Id of the run in progress in this process, if any."""
-        with self._lock:
-            job = self._job
-            return job.run_id if job is not None and job.thread.is_alive() else None
+    # -- recovery ------------------------------------------------------------------------
 
     def recover(self, sessions: sessionmaker[Session]) -> None:
         """Mark runs another (stopped) process left unfinished as failed; once per process."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,7 +43,6 @@ class LiveIndex:
         self._changes = ReadWriteLock()
         self._dirty = False
         self._stale_reason: str | None = None
-        self.last_saved: float | None = None
 
     @property
     def ntotal(self) -> int:
@@ -61,10 +59,6 @@ class LiveIndex:
     def ids(self) -> npt.NDArray[np.int64]:
         """The indexed ids, sorted: (N,) int64."""
         return self._index.ids()
-
-    @property
-    def dirty(self) -> bool:
-        return self._dirty
 
     @property
     def stale_reason(self) -> str | None:
@@ -129,8 +123,6 @@ class LiveIndex:
             self._index = index
             self._dirty = not saved
             self._stale_reason = None
-            if saved:
-                self.last_saved = time.monotonic()
 
     def save(self) -> None:
         """Write the index atomically to its directory; searches go on meanwhile.
@@ -145,7 +137,6 @@ class LiveIndex:
             except BaseException:
                 self._dirty = True
                 raise
-            self.last_saved = time.monotonic()
         logger.debug("index saved to %s", self.directory)
 
     def save_if_dirty(self) -> bool:

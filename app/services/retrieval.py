@@ -17,7 +17,6 @@ lookup) are skipped, so a hit always names a stored image.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,8 +31,6 @@ from app.models import Embedding, Image, bytes_to_vector
 from app.services.live_index import LiveIndex
 from app.services.metrics import Metrics
 from index import MAX_K
-
-logger = logging.getLogger(__name__)
 
 #: Up to this many filter matches are scored exactly from the database.
 EXACT_SUBSET_MAX: Final = 4096

@@ -15,7 +15,6 @@ so an interrupted ingest that is run again simply overwrites them.
 from __future__ import annotations
 
 import io
-import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -27,8 +26,6 @@ import numpy.typing as npt
 from PIL import Image
 
 from app.errors import AppError
-
-logger = logging.getLogger(__name__)
 
 IMAGES_DIR: Final = "images"
 THUMBNAILS_DIR: Final = "thumbnails"

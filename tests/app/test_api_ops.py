@@ -262,12 +262,16 @@ def test_serve_refuses_an_open_address_without_keys(tmp_path: Path) -> None:
 
 def test_changes_are_saved_by_maintenance(client: TestClient, settings: Settings) -> None:
     runtime = runtime_of(client)
+    model_id = runtime.bundle.model_id
     image_id = upload(client, [noise_png(14)]).json()["results"][0]["id"]
-    assert runtime.index.dirty
+    # The upload reached the live index but not yet the copy on disk (saved at start-up).
+    assert runtime.index.ids().tolist() == [image_id]
+    assert VectorIndex.load(settings.index_dir, expected_model_id=model_id).ntotal == 0
     runtime.maintain()
-    assert not runtime.index.dirty
-    saved = VectorIndex.load(settings.index_dir, expected_model_id=runtime.bundle.model_id)
+    saved = VectorIndex.load(settings.index_dir, expected_model_id=model_id)
     assert saved.ids().tolist() == [image_id]
+    # Nothing is left unsaved, so the next pass writes nothing.
+    assert not runtime.index.save_if_dirty()
 
 
 def test_openapi_documents_routes_errors_and_keys(client: TestClient) -> None:

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import create_engine_for, ping, session_factory, session_scope, upgrade_database
+from app.db import create_engine_for, ping, session_factory, upgrade_database
 from app.models import (
     CachedEmbedding,
     Embedding,
@@ -62,7 +62,7 @@ def test_image_round_trip_keeps_labels_report_and_aware_timestamps(
 ) -> None:
     labels = {"Pleural Effusion": 1.0, "Edema": -1.0, "Cardiomegaly": 0.0}
     before = dt.datetime.now(dt.UTC)
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         image = _image(
             "a",
             bits=15,
@@ -78,7 +78,7 @@ def test_image_round_trip_keeps_labels_report_and_aware_timestamps(
         image_id = image.id
     assert image_id >= 1
 
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         stored = session.get(Image, image_id)
         assert stored is not None
         assert stored.labels == labels
@@ -90,14 +90,14 @@ def test_image_round_trip_keeps_labels_report_and_aware_timestamps(
         assert before - dt.timedelta(seconds=5) <= stored.created_at <= dt.datetime.now(dt.UTC)
         first_update = stored.updated_at
         stored.report_text = "No acute findings."
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         stored = session.get(Image, image_id)
         assert stored is not None
         assert stored.updated_at > first_update
 
 
 def test_ids_autoincrement(factory: sessionmaker[Session]) -> None:
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         images = [_image(f"img{i}") for i in range(3)]
         session.add_all(images)
         session.flush()
@@ -107,11 +107,11 @@ def test_ids_autoincrement(factory: sessionmaker[Session]) -> None:
 
 
 def test_same_content_hash_is_refused(factory: sessionmaker[Session]) -> None:
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         session.add(_image("dup"))
-    with pytest.raises(IntegrityError), session_scope(factory) as session:
+    with pytest.raises(IntegrityError), factory.begin() as session:
         session.add(_image("dup", source_format="dicom"))
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(Image)) == 1
 
 
@@ -119,7 +119,7 @@ def test_embedding_vector_round_trip_and_cascade_on_image_delete(
     factory: sessionmaker[Session],
 ) -> None:
     vector = _unit(512, 0)
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         session.add(EncoderModel(id=MODEL_ID, name="convirt-small", dim=512, is_active=True))
         image = _image("emb")
         session.add(image)
@@ -127,16 +127,16 @@ def test_embedding_vector_round_trip_and_cascade_on_image_delete(
         session.add(Embedding.from_vector(image.id, MODEL_ID, vector))
         image_id = image.id
 
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         row = session.get(Embedding, (image_id, MODEL_ID))
         assert row is not None
         assert row.dim == 512
         np.testing.assert_array_equal(row.as_array(), vector)
 
     # A bulk delete, as the service's DELETE does: the database cascades, not the ORM.
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         session.execute(sa.delete(Image).where(Image.id == image_id))
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(Embedding)) == 0
         model = session.get(EncoderModel, MODEL_ID)
         assert model is not None
@@ -144,19 +144,19 @@ def test_embedding_vector_round_trip_and_cascade_on_image_delete(
 
 
 def test_embedding_needs_a_known_image_and_model(factory: sessionmaker[Session]) -> None:
-    with pytest.raises(IntegrityError), session_scope(factory) as session:
+    with pytest.raises(IntegrityError), factory.begin() as session:
         session.add(Embedding.from_vector(12345, MODEL_ID, _unit(8, 1)))
 
 
 def test_database_checks_vector_length_against_dim(factory: sessionmaker[Session]) -> None:
     data, _ = vector_to_bytes(_unit(8, 2))
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         session.add(EncoderModel(id=MODEL_ID, name="m", dim=8))
         image = _image("len")
         session.add(image)
         session.flush()
         image_id = image.id
-    with pytest.raises(IntegrityError), session_scope(factory) as session:
+    with pytest.raises(IntegrityError), factory.begin() as session:
         session.add(Embedding(image_id=image_id, model_id=MODEL_ID, dim=9, vector=data))
 
 
@@ -165,14 +165,14 @@ def test_embedding_cache_is_keyed_by_model_and_content_hash(
 ) -> None:
     content_hash = hashlib.sha256(b"candidate").hexdigest()
     first, second = _unit(16, 3), _unit(16, 4)
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         session.add(CachedEmbedding.from_vector(MODEL_ID, content_hash, first))
         session.add(CachedEmbedding.from_vector("sha256:" + "cd" * 32, content_hash, second))
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         row = session.get(CachedEmbedding, (MODEL_ID, content_hash))
         assert row is not None
         np.testing.assert_array_equal(row.as_array(), first)
-    with pytest.raises(IntegrityError), session_scope(factory) as session:
+    with pytest.raises(IntegrityError), factory.begin() as session:
         session.add(CachedEmbedding.from_vector(MODEL_ID, content_hash, second))
 
 
@@ -181,13 +181,13 @@ def _count_runs(session: Session, *where: sa.ColumnElement[bool]) -> int | None:
 
 
 def test_evaluation_run_lifecycle_and_status_check(factory: sessionmaker[Session]) -> None:
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         queued = EvaluationRun(model_id=MODEL_ID, protocol="chexpert-8x200", params={"k": [5]})
         session.add(queued)
         session.flush()
         run_id = queued.id
         assert (queued.status, queued.progress, queued.results) == ("queued", 0.0, None)
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         # None is SQL NULL, not JSON 'null': "results IS NULL" finds the unfinished runs.
         assert _count_runs(session, EvaluationRun.results.is_(None)) == 1
         running = session.get(EvaluationRun, run_id)
@@ -197,7 +197,7 @@ def test_evaluation_run_lifecycle_and_status_check(factory: sessionmaker[Session
         running.started_at = dt.datetime.now(dt.UTC)
         running.finished_at = dt.datetime.now(dt.timezone(dt.timedelta(hours=2)))
         running.results = {"image_to_image": {"p@10": 0.43}}
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         done = session.get(EvaluationRun, run_id)
         assert done is not None
         assert done.results == {"image_to_image": {"p@10": 0.43}}
@@ -208,12 +208,12 @@ def test_evaluation_run_lifecycle_and_status_check(factory: sessionmaker[Session
         assert done.finished_at >= done.started_at - dt.timedelta(seconds=1)
         assert _count_runs(session, EvaluationRun.results.is_(None)) == 0
     unknown_status = EvaluationRun(model_id=MODEL_ID, protocol="p", params={}, status="paused")
-    with pytest.raises(IntegrityError), session_scope(factory) as session:
+    with pytest.raises(IntegrityError), factory.begin() as session:
         session.add(unknown_status)
 
 
 def _add_and_flush(factory: sessionmaker[Session], row: object) -> None:
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         session.add(row)
         session.flush()
 
@@ -231,14 +231,14 @@ def test_session_scope_rolls_back_on_error(factory: sessionmaker[Session]) -> No
         pass
 
     def add_then_fail() -> None:
-        with session_scope(factory) as session:
+        with factory.begin() as session:
             session.add(_image("rolled-back"))
             session.flush()
             raise Boom
 
     with pytest.raises(Boom):
         add_then_fail()
-    with session_scope(factory) as session:
+    with factory.begin() as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(Image)) == 0
 
 
