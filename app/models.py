@@ -60,6 +60,10 @@ MODEL_ID_CHARS: Final = 71
 CONTENT_HASH_CHARS: Final = 64
 #: Relative paths of stored files.
 PATH_CHARS: Final = 512
+#: Free-form metadata (a file's own or the caller's) is clipped to these column widths.
+VIEW_POSITION_CHARS: Final = 16
+MODALITY_CHARS: Final = 16
+STUDY_REF_CHARS: Final = 128
 
 EVALUATION_STATUSES: Final[tuple[str, ...]] = ("queued", "running", "succeeded", "failed")
 
@@ -173,14 +177,16 @@ class Image(TimestampMixin, Base):
     height: Mapped[int] = mapped_column(Integer)
     bits: Mapped[int | None] = mapped_column(SmallInteger, comment="bits stored per pixel")
     photometric: Mapped[str | None] = mapped_column(String(32))
-    view_position: Mapped[str | None] = mapped_column(String(16), index=True)
-    modality: Mapped[str | None] = mapped_column(String(16))
+    view_position: Mapped[str | None] = mapped_column(String(VIEW_POSITION_CHARS), index=True)
+    modality: Mapped[str | None] = mapped_column(String(MODALITY_CHARS))
     labels: Mapped[dict[str, Any]] = mapped_column(
         default=dict, comment="observation → 1 positive, 0 negative, -1 uncertain"
     )
     report_text: Mapped[str | None] = mapped_column(Text)
     study_ref: Mapped[str | None] = mapped_column(
-        String(128), index=True, comment="opaque external study reference, never an accession"
+        String(STUDY_REF_CHARS),
+        index=True,
+        comment="opaque external study reference, never an accession",
     )
     image_path: Mapped[str] = mapped_column(String(PATH_CHARS))
     thumbnail_path: Mapped[str] = mapped_column(String(PATH_CHARS))

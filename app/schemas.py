@@ -17,8 +17,13 @@ LabelValue = float | None
 Labels = dict[str, LabelValue]
 
 
-class ImagePublic(BaseModel):
-    """One stored image: technical metadata, labels and report; never patient identifiers."""
+class ImageRecord(BaseModel):
+    """What the database holds about an image that may leave the service: technical
+    metadata, labels and report; never patient identifiers, never file paths.
+
+    Read straight off an :class:`app.models.Image` row (``model_validate(row)``), so the
+    fields are listed here once; the response adds what the row cannot know.
+    """
 
     model_config = ConfigDict(from_attributes=True)
 
@@ -34,9 +39,14 @@ class ImagePublic(BaseModel):
     labels: Labels | None
     report_text: str | None
     study_ref: str | None
-    thumbnail_url: str
     created_at: datetime
     updated_at: datetime
+
+
+class ImagePublic(ImageRecord):
+    """One stored image, as ``GET /images/{id}`` returns it."""
+
+    thumbnail_url: str
 
 
 class UploadResult(BaseModel):

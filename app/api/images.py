@@ -14,15 +14,10 @@ from app.api.deps import RuntimeDep, SessionDep, SettingsDep
 from app.api.problems import MODEL_ERROR_STATUS, problem_responses, to_problem
 from app.api.uploads import field_problem, parse_labels, read_upload, require_content_type
 from app.errors import ProblemError
-from app.models import Image
-from app.schemas import ImagePublic, UploadResponse, UploadResult
+from app.models import STUDY_REF_CHARS, VIEW_POSITION_CHARS, Image
+from app.schemas import ImagePublic, ImageRecord, UploadResponse, UploadResult
 from app.security import require_api_key
-from app.services.ingest import (
-    STUDY_REF_CHARS,
-    VIEW_POSITION_CHARS,
-    IngestItem,
-    IngestResult,
-)
+from app.services.ingest import IngestItem, IngestResult
 
 logger = logging.getLogger(__name__)
 
@@ -199,23 +194,8 @@ def get_image(image_id: ImageId, request: Request, session: SessionDep) -> Image
     row = session.get(Image, image_id)
     if row is None:
         raise _not_found(image_id)
-    return ImagePublic(
-        id=row.id,
-        content_hash=row.content_hash,
-        source_format=row.source_format,
-        width=row.width,
-        height=row.height,
-        bits=row.bits,
-        photometric=row.photometric,
-        view_position=row.view_position,
-        modality=row.modality,
-        labels=row.labels,
-        report_text=row.report_text,
-        study_ref=row.study_ref,
-        thumbnail_url=thumbnail_url(request, row.id),
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-    )
+    record = ImageRecord.model_validate(row)
+    return ImagePublic(**dict(record), thumbnail_url=thumbnail_url(request, row.id))
 
 
 @router.get(

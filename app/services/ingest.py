@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -36,7 +36,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import Embedding, Image
+from app.models import (
+    MODALITY_CHARS,
+    STUDY_REF_CHARS,
+    VIEW_POSITION_CHARS,
+    Embedding,
+    Image,
+)
 from app.services.live_index import LiveIndex
 from app.services.metrics import Metrics
 from app.services.store import ImageStore, StoredFiles, dequantize, quantize
@@ -47,10 +53,6 @@ from model.inputs.decode import ImageMeta, decode_image
 logger = logging.getLogger(__name__)
 
 Outcome = Literal["created", "existing", "failed"]
-
-#: Column widths of ``images`` that free-form metadata is clipped to.
-VIEW_POSITION_CHARS = 16
-STUDY_REF_CHARS = 128
 
 
 def _clip(value: str | None, limit: int) -> str | None:
@@ -187,22 +189,22 @@ class IngestService:
         return results
 
     def _row(self, it: DecodedItem, files: StoredFiles) -> Image:
-        meta = it.meta
+        # The decoder's metadata and the store's paths carry the columns' own names; only
+        # what the columns bound, or what the caller may add, is set here.
+        meta = replace(
+            it.meta,
+            view_position=_clip(
+                it.meta.view_position or it.item.view_position, VIEW_POSITION_CHARS
+            ),
+            modality=_clip(it.meta.modality, MODALITY_CHARS),
+        )
         return Image(
+            **asdict(meta),
+            **asdict(files),
             content_hash=it.content_hash,
-            source_format=meta.source_format,
-            width=meta.width,
-            height=meta.height,
-            bits=meta.bits,
-            photometric=meta.photometric,
-            view_position=_clip(meta.view_position or it.item.view_position, VIEW_POSITION_CHARS),
-            modality=_clip(meta.modality, 16),
             labels=dict(it.item.labels or {}),
             report_text=it.item.report_text,
             study_ref=_clip(it.item.study_ref, STUDY_REF_CHARS),
-            image_path=files.image_path,
-            thumbnail_path=files.thumbnail_path,
-            original_path=files.original_path,
         )
 
     def _commit_all(

@@ -57,6 +57,12 @@ def test_upload_stores_derivative_files_rows_and_vectors(
     image_id = result["id"]
 
     meta = client.get(f"/images/{image_id}").json()
+    # Exactly the public fields: the row's file paths never leave the service.
+    assert set(meta) == {
+        "id", "content_hash", "source_format", "width", "height", "bits", "photometric",
+        "view_position", "modality", "labels", "report_text", "study_ref", "thumbnail_url",
+        "created_at", "updated_at",
+    }  # fmt: skip
     source = PILImage.open(io.BytesIO(data))
     assert meta["id"] == image_id
     assert meta["source_format"] == "png"
