@@ -38,10 +38,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Final
 
-from pydantic import ValidationError
-
+from app.commands.serve import serving_settings
 from app.errors import AppError
-from app.settings import InsecureExposureError, Settings
+from app.settings import Settings
 
 logger = logging.getLogger("convirt.entrypoint")
 
@@ -233,18 +232,13 @@ def main(argv: Sequence[str]) -> int:
     # As PID 1 a signal without a handler is ignored: make `docker stop` end the wait at once.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_on_signal)
+    # Checked before minutes of demo, not after: `convirt serve` would refuse at the end.
+    settings = serving_settings()
+    if settings is None:
+        return 2
     try:
-        settings = Settings()
-        # Before minutes of demo, not after: `convirt serve` would refuse at the end anyway.
-        settings.ensure_safe_exposure()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         prepare(settings)
-    except ValidationError as exc:
-        logger.error("invalid settings: %s", exc)
-        return 2
-    except InsecureExposureError as exc:
-        logger.error("%s", exc)
-        return 2
     except StepInterruptedError as exc:
         logger.warning("%s; the next start continues from there", exc)
         return 128 + exc.signum

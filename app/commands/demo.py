@@ -41,10 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from pydantic import ValidationError
-
+from app.commands.serve import serving_settings
 from app.errors import AppError
-from app.settings import InsecureExposureError, Settings
+from app.settings import Settings
 
 if TYPE_CHECKING:
     from model.bundle import EncoderBundle
@@ -434,15 +433,8 @@ def run(args: argparse.Namespace) -> int:
     # Everything the demo loads ships with the packages: never reach for a model hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        extra = {"data_dir": args.data_dir, "host": args.host, "port": args.port}
-        settings = Settings(**{k: v for k, v in extra.items() if v is not None})
-        settings.ensure_safe_exposure()
-    except ValidationError as exc:
-        logger.error("invalid settings: %s", exc)
-        return 2
-    except InsecureExposureError as exc:
-        logger.error("%s", exc)
+    settings = serving_settings(data_dir=args.data_dir, host=args.host, port=args.port)
+    if settings is None:
         return 2
     options = DemoOptions(
         n=args.n,

@@ -3,7 +3,8 @@
 Refuses to listen beyond loopback without API keys unless anonymous access is intended
 (``--allow-anonymous`` or ``CONVIRT_ALLOW_ANONYMOUS=true``).
 
-Also home of the settings options the service commands share (``--data-dir`` …).
+Also home of the settings options the service commands share (``--data-dir`` …) and of
+the settings check of every process that listens (:func:`serving_settings`).
 """
 
 from __future__ import annotations
@@ -35,11 +36,36 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=dest, metavar=dest.split("_")[-1].upper(), help=text)
 
 
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    """The values actually given (``None`` = option left out, the environment decides)."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
 def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
     """Settings from the environment, overridden by the options given on the command line."""
     overrides = {dest: getattr(args, dest) for _, dest, _ in _SETTINGS_OPTIONS}
     overrides.update(extra)
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    return Settings(**_given(overrides))
+
+
+def serving_settings(**overrides: Any) -> Settings | None:
+    """Settings for a process about to listen (``serve``, ``demo``, the container).
+
+    The ``CONVIRT_*`` environment, overridden by the ``overrides`` given (``None`` values
+    are left out), must validate and must not expose the service beyond loopback without
+    API keys or consent. Otherwise the reason is logged and ``None`` returned, and the
+    caller exits with status 2 before doing any work.
+    """
+    try:
+        settings = Settings(**_given(overrides))
+        settings.ensure_safe_exposure()
+    except ValidationError as exc:
+        logger.error("invalid settings: %s", exc)
+        return None
+    except InsecureExposureError as exc:
+        logger.error("%s", exc)
+        return None
+    return settings
 
 
 def register(subparsers: Any) -> None:
@@ -59,16 +85,13 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = settings_from_args(
-            args, host=args.host, port=args.port, allow_anonymous=args.allow_anonymous
-        )
-        settings.ensure_safe_exposure()
-    except ValidationError as exc:
-        logger.error("invalid settings: %s", exc)
-        return 2
-    except InsecureExposureError as exc:
-        logger.error("%s", exc)
+    settings = serving_settings(
+        **{dest: getattr(args, dest) for _, dest, _ in _SETTINGS_OPTIONS},
+        host=args.host,
+        port=args.port,
+        allow_anonymous=args.allow_anonymous,
+    )
+    if settings is None:
         return 2
 
     import uvicorn
