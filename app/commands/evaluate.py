@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from model.evaluation.protocol import RetrievalProtocol
-    from model.evaluation.runner import ProgressCallback
+    from model.evaluation.runner import EvaluationResult, ProgressCallback
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +110,8 @@ def register(subparsers: Any) -> None:
 
 
 def _categories(raw: list[str] | None) -> list[str]:
-    from model.labels import CHEXPERT_8X200_CATEGORIES
-
-    if not raw:
-        return list(CHEXPERT_8X200_CATEGORIES)
-    return [name.strip() for item in raw for name in item.split(",") if name.strip()]
+    """Category names given as separate words or comma-separated (empty: the default)."""
+    return [name.strip() for item in raw or () for name in item.split(",") if name.strip()]
 
 
 def _ks(raw: str) -> tuple[int, ...]:
@@ -138,31 +135,22 @@ def _bundle_dir(args: argparse.Namespace) -> Path:
 
 
 def _load_protocol(args: argparse.Namespace) -> tuple[RetrievalProtocol, Path | None]:
-    """(protocol, image root) for the arguments."""
-    from model.evaluation.protocol import (
-        find_protocol_dir,
-        read_chexpert_8x200,
-        read_text_queries,
-    )
-    from model.evaluation.queries import default_text_queries
-    from model.evaluation.sampling import manifest_images, sample_protocol
+    """(validated protocol, image root) for the arguments."""
+    from model.evaluation.assemble import OFFICIAL, assemble_protocol
+    from model.evaluation.protocol import read_text_queries
 
-    if args.protocol == "chexpert-8x200":
-        protocol_dir = args.protocol_dir or find_protocol_dir(args.root)
-        return read_chexpert_8x200(protocol_dir), Path(args.root)
-    categories = _categories(args.categories)
-    queries = (
-        read_text_queries(args.text_queries)
-        if args.text_queries is not None
-        else default_text_queries(categories)
-    )
-    protocol = sample_protocol(
-        manifest_images(str(args.manifest)),
-        categories,
+    if args.protocol == OFFICIAL:
+        root = Path(args.root)
+        return assemble_protocol(OFFICIAL, root=root, protocol_dir=args.protocol_dir), root
+    queries = read_text_queries(args.text_queries) if args.text_queries is not None else None
+    protocol = assemble_protocol(
+        "manifest",
+        manifest=Path(args.manifest),
+        categories=_categories(args.categories),
+        text_queries=queries,
         candidates_per_category=args.candidates_per_category,
         queries_per_category=args.queries_per_category,
         seed=args.seed,
-        text_queries=queries,
         params={
             "manifest": str(Path(args.manifest).resolve()),
             "text_queries": str(args.text_queries) if args.text_queries else "built-in",
@@ -188,15 +176,8 @@ def run(args: argparse.Namespace) -> int:
     from model.errors import ModelError
     from model.evaluation.baseline import InitialBackbone
     from model.evaluation.cache import CACHE_FILE, SqliteEmbeddingCache
-    from model.evaluation.protocol import validate_protocol
     from model.evaluation.report import write_report
-    from model.evaluation.runner import (
-        IMAGE_TO_IMAGE,
-        MODEL,
-        TEXT_TO_IMAGE,
-        EvaluationOptions,
-        run_evaluation,
-    )
+    from model.evaluation.runner import EvaluationOptions, run_evaluation
 
     started = time.perf_counter()
     out = Path(args.out)
@@ -206,9 +187,8 @@ def run(args: argparse.Namespace) -> int:
         logger.error("invalid settings: %s", exc)
         return 2
     try:
+        # Validated before the bundle loads (seconds): a missing image fails at once.
         protocol, root = _load_protocol(args)
-        # Before the bundle loads (seconds): a missing image or a bad row fails at once.
-        validate_protocol(protocol, root)
         bundle = EncoderBundle.load(bundle_dir, device=args.device)
         cache = None if args.no_cache else SqliteEmbeddingCache(args.cache or out / CACHE_FILE)
         backbone = None if args.no_backbone else InitialBackbone.from_bundle(bundle)
@@ -245,16 +225,24 @@ def run(args: argparse.Namespace) -> int:
     except ModelError as exc:
         logger.error("evaluation failed (%s): %s", exc.code, exc)
         return 1
+    summary = _summary(result, files.json, time.perf_counter() - started)
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
+def _summary(result: EvaluationResult, report: Path, seconds: float) -> dict[str, Any]:
+    """The one-line summary printed at the end: where the report is, the mean scores."""
+    from model.evaluation.runner import IMAGE_TO_IMAGE, MODEL, TEXT_TO_IMAGE
+
     summary: dict[str, Any] = {
-        "report": str(files.json),
+        "report": str(report),
         "model_id": result.model_id,
-        "protocol": protocol.name,
-        "seconds": round(time.perf_counter() - started, 1),
+        "protocol": result.protocol.name,
+        "seconds": round(seconds, 1),
     }
     for task in (IMAGE_TO_IMAGE, TEXT_TO_IMAGE):
         summary[task] = {k: round(v, 4) for k, v in result.scores[task][MODEL].mean.items()}
-    sys.stdout.write(json.dumps(summary) + "\n")
-    return 0
+    return summary
 
 
 def _progress_logger() -> ProgressCallback:

@@ -41,17 +41,11 @@ from app.errors import ProblemError
 from app.models import CachedEmbedding, EvaluationRun, Image, utcnow
 from app.services.runtime import Runtime
 from model.errors import ModelError
+from model.evaluation.assemble import OFFICIAL, assemble_protocol
 from model.evaluation.baseline import InitialBackbone
-from model.evaluation.protocol import (
-    RetrievalProtocol,
-    TextQuery,
-    find_protocol_dir,
-    read_chexpert_8x200,
-    validate_protocol,
-)
-from model.evaluation.queries import default_text_queries
+from model.evaluation.protocol import RetrievalProtocol, TextQuery
 from model.evaluation.runner import EvaluationCancelled, EvaluationOptions, run_evaluation
-from model.evaluation.sampling import LabelledImage, manifest_images, sample_protocol
+from model.evaluation.sampling import LabelledImage
 
 logger = logging.getLogger(__name__)
 
@@ -249,46 +243,27 @@ class EvaluationJobs:
     def _protocol(
         self, runtime: Runtime, request: EvaluationRequest
     ) -> tuple[RetrievalProtocol, Path | None]:
-        if request.protocol == "chexpert-8x200":
-            if not request.root:
-                raise ProblemError(422, "invalid_request", "chexpert-8x200 needs the CheXpert root")
-            chexpert_root = Path(request.root)
-            protocol_dir = request.protocol_dir or find_protocol_dir(chexpert_root)
-            official = read_chexpert_8x200(protocol_dir)
-            validate_protocol(official, chexpert_root)
-            return official, chexpert_root
-        categories = list(request.categories or ())
-        if not categories:
-            from model.labels import CHEXPERT_8X200_CATEGORIES
-
-            categories = list(CHEXPERT_8X200_CATEGORIES)
-        queries = (
-            [
+        """(validated protocol, image root): stored images are read from the image store."""
+        if request.protocol == OFFICIAL:
+            root = Path(request.root) if request.root else None
+            protocol_dir = Path(request.protocol_dir) if request.protocol_dir else None
+            return assemble_protocol(OFFICIAL, root=root, protocol_dir=protocol_dir), root
+        stored = request.protocol == "stored"
+        root = runtime.store.root if stored else None
+        protocol = assemble_protocol(
+            request.protocol,
+            root=root,
+            manifest=Path(request.manifest) if request.manifest else None,
+            images=self._stored_images(runtime.sessions) if stored else None,
+            categories=request.categories,
+            text_queries=[
                 TextQuery(category=c, text=t, where=f"text query {i}")
                 for i, (c, t) in enumerate(request.text_queries, 1)
-            ]
-            if request.text_queries
-            else default_text_queries(categories)
-        )
-        root: Path | None
-        if request.protocol == "manifest":
-            if not request.manifest:
-                raise ProblemError(422, "invalid_request", "the manifest protocol needs a manifest")
-            images = manifest_images(request.manifest)
-            root = None
-        else:
-            images = self._stored_images(runtime.sessions)
-            root = runtime.store.root
-        protocol = sample_protocol(
-            images,
-            categories,
+            ],
             candidates_per_category=request.candidates_per_category,
             queries_per_category=request.queries_per_category,
             seed=request.seed,
-            text_queries=queries,
-            name=request.protocol,
         )
-        validate_protocol(protocol, root)
         return protocol, root
 
     @staticmethod
