@@ -12,7 +12,7 @@ import faiss
 from pydantic import BaseModel
 
 from app.models import Base, EncoderModel, Image, UTCDateTime
-from app.schemas import SearchPublic, UploadResponse
+from app.schemas import ImageRecord, SearchPublic, UploadResponse
 from index.faiss_index import VectorIndex
 from index.manifest import IndexManifest
 from model.loss import ConVIRTLoss
@@ -35,9 +35,12 @@ Base.type_annotation_map
 Image.embeddings
 EncoderModel.embeddings
 
-# Response fields filled by keyword (``**counts``, ``took_ms=``) and read by clients.
+# Response fields filled by keyword (``**counts``, ``took_ms=``) or read off a row by
+# pydantic (``from_attributes``), and read by clients.
 UploadResponse.failed
 SearchPublic.took_ms
+ImageRecord.updated_at
+Image.updated_at
 
 # Written into manifest.json for people and tools that inspect a saved index.
 IndexManifest.faiss_version
