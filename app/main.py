@@ -26,13 +26,13 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from app.api import evaluations as evaluations_api  # evaluation jobs (issue 6)
+from app.api import evaluations as evaluations_api
 from app.api import health, images, search
-from app.api import web as web_page  # the web page at / (issue 7)
+from app.api import web as web_page
 from app.api.problems import install_problem_handlers
 from app.api.uploads import BodyLimitMiddleware
 from app.security import ApiKeyMiddleware, encode_keys, require_api_key
-from app.services.evaluations import EvaluationJobs  # evaluation jobs (issue 6)
+from app.services.evaluations import EvaluationJobs
 from app.services.metrics import Metrics, MetricsMiddleware
 from app.services.runtime import Runtime
 from app.settings import Settings
@@ -141,13 +141,13 @@ def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None
     app.state.api_keys = encode_keys(settings.api_keys)
     app.state.runtime = None
     app.state.startup_error = None
-    app.state.evaluations = EvaluationJobs()  # evaluation jobs (issue 6): one run at a time
+    app.state.evaluations = EvaluationJobs()  # one evaluation run at a time
 
     app.include_router(health.router)
     app.include_router(images.router)
     app.include_router(search.router)
-    app.include_router(evaluations_api.router)  # evaluation jobs (issue 6)
-    app.include_router(web_page.router)  # the web page at / (issue 7)
+    app.include_router(evaluations_api.router)
+    app.include_router(web_page.router)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])
     async def openapi_document() -> JSONResponse:
@@ -159,7 +159,7 @@ def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None
 
     install_problem_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    # The web page and its assets are open: the page is where a user enters the key (issue 7).
+    # The web page and its assets are open: the page is where a user enters the key.
     public_paths = (*PUBLIC_PATHS, *web_page.PUBLIC_PATHS)
     app.add_middleware(ApiKeyMiddleware, keys=app.state.api_keys, public_paths=public_paths)
     # Added last, so outermost: it sees the final status of every response, errors included.
