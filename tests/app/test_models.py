@@ -226,22 +226,6 @@ def test_naive_datetimes_are_refused(factory: sessionmaker[Session]) -> None:
     assert isinstance(caught.value.orig, NaiveDatetimeError)
 
 
-def test_session_scope_rolls_back_on_error(factory: sessionmaker[Session]) -> None:
-    class Boom(RuntimeError):
-        pass
-
-    def add_then_fail() -> None:
-        with factory.begin() as session:
-            session.add(_image("rolled-back"))
-            session.flush()
-            raise Boom
-
-    with pytest.raises(Boom):
-        add_then_fail()
-    with factory.begin() as session:
-        assert session.scalar(sa.select(sa.func.count()).select_from(Image)) == 0
-
-
 def test_vector_packing_is_float32_little_endian() -> None:
     data, dim = vector_to_bytes([1.0, -2.5, 0.25])
     assert dim == 3
