@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     from model.evaluation.baseline import InitialBackbone
     from model.evaluation.cache import CACHE_FILE, SqliteEmbeddingCache
     from model.evaluation.protocol import validate_protocol
-    from model.evaluation.report import write_report
+    from model.evaluation.report_files import write_report
     from model.evaluation.runner import (
         IMAGE_TO_IMAGE,
         MODEL,

@@ -16,14 +16,9 @@ from model.data.manifest import read_manifest
 from model.data.synthetic import generate_corpus
 from model.inputs.decode import decode_file
 from model.training.config import dump_train_config, load_train_config
-from model.training.trainer import (
-    EpochBatchSampler,
-    TrainingDataError,
-    read_metrics,
-    sample_seed,
-    split_records,
-    train,
-)
+from model.training.data import EpochBatchSampler, TrainingDataError, sample_seed, split_records
+from model.training.plots import read_metrics
+from model.training.trainer import train
 from tests.model.trainer_support import (
     NO_AUGMENT,
     make_tiny_towers,
@@ -277,11 +272,13 @@ def test_cli_train_then_export(corpus: Path, towers: tuple[Path, Path], tmp_path
 def test_checkpoints_rebuild_their_own_model(
     corpus: Path, towers: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from model.training.trainer import model_from_checkpoint
+    from model.checkpoint import checkpoint_run_name, model_from_checkpoint
 
-    result = train(tiny_config(corpus, tmp_path / "run", towers, "train.max_steps=1"))
+    config = tiny_config(corpus, tmp_path / "run", towers, "train.max_steps=1")
+    result = train(config)
     checkpoint = load_checkpoint(result.last_checkpoint)
-    model, config = model_from_checkpoint(checkpoint)
-    assert config.data.batch_size == 8
+    model, model_config = model_from_checkpoint(checkpoint)
+    assert model_config == config.model
+    assert checkpoint_run_name(checkpoint) == config.name
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, checkpoint["model"][name])

@@ -11,7 +11,9 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.data.synthetic import generate_corpus
-from model.training.trainer import TrainingDiverged, TrainResult, read_metrics, resume_config, train
+from model.training.config import resume_config
+from model.training.plots import read_metrics
+from model.training.trainer import TrainingDiverged, TrainResult, train
 from tests.model.trainer_support import make_tiny_towers, tiny_config
 
 # 54 training pairs of the 64-study corpus, batches of 8: 6 optimizer steps per epoch.

@@ -9,7 +9,7 @@ import pytest
 from model.errors import ModelError
 from model.inputs.reports import split_sentences
 from model.training.config import load_train_config
-from model.training.trainer import training_text
+from model.training.data import training_text
 
 REPORT = (
     "FINDINGS: The heart size is normal. The mediastinal contours are normal. "
