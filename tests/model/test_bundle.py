@@ -38,15 +38,18 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bundle_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smaller corpus than the trainer tests' (12 studies): only its images are read."""
     return generate_corpus(tmp_path_factory.mktemp("corpus"), 12, seed=3, size=96, progress=False)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+def checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, bundle_corpus: Path, towers: tuple[Path, Path]
+) -> Path:
     """A weights checkpoint of the tiny model, as the trainer writes best.pt."""
     root = tmp_path_factory.mktemp("ckpt")
-    config = tiny_config(corpus, root / "run", make_tiny_towers(root))
+    config = tiny_config(bundle_corpus, root / "run", towers)
     torch.manual_seed(0)
     model = build_model(config.model)
     return save_checkpoint(
@@ -71,8 +74,8 @@ def bundle(bundle_dir: Path) -> EncoderBundle:
 
 
 @pytest.fixture(scope="module")
-def images(corpus: Path) -> list[np.ndarray]:
-    return [decode_file(r.image_path).pixels for r in read_pairs(corpus)[:7]]
+def images(bundle_corpus: Path) -> list[np.ndarray]:
+    return [decode_file(r.image_path).pixels for r in read_pairs(bundle_corpus)[:7]]
 
 
 @pytest.fixture
@@ -196,10 +199,10 @@ def test_concurrent_encoding_matches_sequential(
 
 
 def test_a_moved_bundle_needs_none_of_its_training_files(
-    corpus: Path, tmp_path: Path, offline: None
+    bundle_corpus: Path, tmp_path: Path, offline: None
 ) -> None:
     towers_root = tmp_path / "towers"
-    config = tiny_config(corpus, tmp_path / "run", make_tiny_towers(towers_root))
+    config = tiny_config(bundle_corpus, tmp_path / "run", make_tiny_towers(towers_root))
     model = build_model(config.model)
     checkpoint = save_checkpoint(
         tmp_path / "best.pt", {"config": train_config_to_dict(config), "model": model.state_dict()}
