@@ -115,11 +115,11 @@ def demo_arguments() -> list[str]:
 
 def has_bundle(bundle_dir: Path) -> bool:
     """Whether ``bundle_dir`` holds an encoder bundle (its manifest is checked, not hashed)."""
-    from model.bundle import read_manifest
+    from model.bundle import read_bundle_manifest
     from model.errors import ModelError
 
     try:
-        read_manifest(bundle_dir)
+        read_bundle_manifest(bundle_dir)
     except ModelError:
         return False
     return True

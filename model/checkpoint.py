@@ -2,7 +2,9 @@
 
 A checkpoint is a plain dict saved with :func:`torch.save` and read back with
 ``weights_only=True`` (no arbitrary pickles are executed on load). It always carries the full
-training config as a dict, so a checkpoint can rebuild its own model.
+training config as a dict, so a checkpoint can rebuild its own model: the ``name`` and
+``model`` sections of that dict are all inference needs, so rebuilding reads them with
+:class:`model.config.ModelConfig` and never touches the training package.
 """
 
 from __future__ import annotations
@@ -11,13 +13,18 @@ import logging
 import os
 import random
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from model.errors import ModelError
+
+if TYPE_CHECKING:
+    from model.config import ModelConfig
+    from model.convirt import ConVIRT
 
 logger = logging.getLogger(__name__)
 
@@ -126,3 +133,35 @@ def load_checkpoint(
         if key not in data:
             raise CheckpointError(f"checkpoint {source} lacks its {key!r} entry")
     return data
+
+
+def _stored_config(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    stored = checkpoint.get("config")
+    if not isinstance(stored, Mapping):
+        raise CheckpointError("the checkpoint's config entry is not a mapping")
+    return stored
+
+
+def checkpoint_run_name(checkpoint: Mapping[str, Any]) -> str:
+    """The run's ``name`` (the exported model's name) stored in a loaded checkpoint."""
+    name = _stored_config(checkpoint).get("name")
+    if not isinstance(name, str) or not name:
+        raise CheckpointError("the checkpoint's config has no run name")
+    return name
+
+
+def model_from_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[ConVIRT, ModelConfig]:
+    """Rebuild the model stored in a loaded checkpoint (no pretrained weights are read).
+
+    Returns the model with the checkpoint's weights and the ``model`` section of the
+    stored training config; raises :class:`model.config.InvalidConfigError` when that
+    section is malformed.
+    """
+    from model.config import ModelConfig, config_from_dict
+    from model.convirt import build_model
+
+    section = _stored_config(checkpoint).get("model", {})
+    config = config_from_dict(ModelConfig, section)
+    model = build_model(config, pretrained=False)
+    model.load_state_dict(checkpoint["model"])
+    return model, config

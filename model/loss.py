@@ -29,7 +29,6 @@ gradient.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -37,8 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.errors import ModelError
-
-logger = logging.getLogger(__name__)
 
 #: Takes the local (B, D) tensor, returns one (B_r, D) tensor per rank, in rank order.
 GatherFn = Callable[[torch.Tensor], Sequence[torch.Tensor]]

@@ -225,8 +225,8 @@ def train_demo_model(
         DemoInterrupted: training was stopped by a signal (its checkpoint is saved).
     """
     from model.errors import ModelError
-    from model.training.config import load_train_config
-    from model.training.trainer import LAST_CHECKPOINT, resume_config, train
+    from model.training.config import load_train_config, resume_config
+    from model.training.trainer import LAST_CHECKPOINT, train
 
     last = paths.run / "checkpoints" / LAST_CHECKPOINT
     budget = _train_budget(options, clock)

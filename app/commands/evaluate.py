@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     from model.errors import ModelError
     from model.evaluation.baseline import InitialBackbone
     from model.evaluation.cache import CACHE_FILE, SqliteEmbeddingCache
-    from model.evaluation.report import write_report
+    from model.evaluation.report_files import write_report
     from model.evaluation.runner import EvaluationOptions, run_evaluation
 
     started = time.perf_counter()

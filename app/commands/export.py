@@ -45,14 +45,14 @@ def _checkpoint_file(path: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.bundle import export_bundle, read_manifest
+    from model.bundle import export_bundle, read_bundle_manifest
     from model.errors import ModelError
 
     try:
         out = export_bundle(
             _checkpoint_file(args.checkpoint), args.out, name=args.name, overwrite=args.overwrite
         )
-        manifest = read_manifest(out)
+        manifest = read_bundle_manifest(out)
     except ModelError as exc:
         logger.error("export failed (%s): %s", exc.code, exc)
         return 1

@@ -71,8 +71,8 @@ def _resume_checkpoint(path: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from model.errors import ModelError
-    from model.training.config import load_train_config
-    from model.training.trainer import resume_config, train
+    from model.training.config import load_train_config, resume_config
+    from model.training.trainer import train
 
     overrides = list(args.overrides)
     if args.data:

@@ -319,7 +319,7 @@ class EvaluationJobs:
                 cancel=cancel,
                 model_name=runtime.bundle.name,
             )
-            from model.evaluation.report import write_report
+            from model.evaluation.report_files import write_report
 
             report_dir = runtime.settings.data_dir / REPORTS_DIR / str(run_id)
             write_report(result, report_dir)

@@ -1,4 +1,4 @@
-"""Paired image–report datasets: one adapter per source, a patient split, a torch Dataset.
+"""Paired image–report records: one adapter per source, and a patient-disjoint split.
 
 Every source is reduced to a list of :class:`model.data.manifest.PairedRecord` by a small
 adapter that reads the source's own layout:
@@ -8,8 +8,8 @@ adapter that reads the source's own layout:
 - :func:`iu_xray_records` — IU X-ray / Open-i PNG images with their ``ecgen-radiology`` XML;
 - :func:`chexpert_records` — CheXpert's ``train.csv``/``valid.csv``, label-only (no reports).
 
-:func:`split_by_patient` splits records so that no patient is in two splits, and
-:class:`PairedDataset` decodes the images on access (DataLoader workers included).
+:func:`split_by_patient` splits records so that no patient is in two splits. The trainer's
+torch dataset over these records is :class:`model.training.data.PairDataset`.
 """
 
 from __future__ import annotations
@@ -22,15 +22,10 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TextIO
-
-import numpy as np
-import torch
-from torch.utils.data import Dataset
+from typing import Final, TextIO
 
 from model.data.manifest import (
     SPLITS,
@@ -40,8 +35,6 @@ from model.data.manifest import (
     parse_split,
     read_manifest,
 )
-from model.errors import ModelError
-from model.inputs.decode import DEFAULT_MAX_PIXELS, decode_file
 from model.inputs.reports import ReportError, parse_iu_report_xml
 from model.labels import CHEXPERT_LABELS, POSITIVE
 
@@ -56,12 +49,6 @@ DEFAULT_FRACTIONS: Final[tuple[tuple[str, float], ...]] = (
     ("validate", 0.1),
     ("test", 0.1),
 )
-
-
-class BatchError(ModelError):
-    """Samples that cannot be collated into one batch."""
-
-    code = "invalid_batch"
 
 
 class PatientLeakError(ManifestError):
@@ -503,93 +490,3 @@ def _unit_hash(seed: int, patient_id: str) -> float:
 
 def _sizes(parts: Mapping[str, Sequence[PairedRecord]]) -> dict[str, int]:
     return {name: len(items) for name, items in parts.items()}
-
-
-# --------------------------------------------------------------------------- torch
-
-
-@dataclass(frozen=True)
-class PairedSample:
-    """One item of :class:`PairedDataset`.
-
-    ``image`` is the decoded float32 ``(H, W)`` array in [0, 1] (air dark), or whatever
-    the dataset's ``transform`` made of it, e.g. a ``(3, S, S)`` tensor.
-    """
-
-    image: Any
-    report: str
-    labels: dict[str, float | None]
-    patient_id: str
-
-
-class PairedDataset(Dataset[PairedSample]):
-    """Records as a torch Dataset: the image is decoded from disk on every access.
-
-    ``transform`` receives the float32 ``(H, W)`` pixels; ``text_sampler`` receives the
-    report text (e.g. :class:`model.inputs.reports.SentenceSampler` for ConVIRT's one-sentence
-    sampling). Both must be picklable for DataLoader workers, as the dataset itself is.
-    Decoding errors keep their type (:class:`model.inputs.decode.ImageDecodeError`) and gain a
-    note naming the file.
-    """
-
-    def __init__(
-        self,
-        records: Sequence[PairedRecord],
-        *,
-        transform: Callable[[np.ndarray], Any] | None = None,
-        text_sampler: Callable[[str], str] | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-    ) -> None:
-        self.records = list(records)
-        self.transform = transform
-        self.text_sampler = text_sampler
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> PairedSample:
-        record = self.records[index]
-        try:
-            pixels = decode_file(record.image_path, max_pixels=self.max_pixels).pixels  # (H, W)
-        except Exception as exc:
-            exc.add_note(f"while loading {record.image_path} (patient {record.patient_id})")
-            raise
-        image = self.transform(pixels) if self.transform is not None else pixels
-        report = self.text_sampler(record.report) if self.text_sampler else record.report
-        return PairedSample(
-            image=image, report=report, labels=dict(record.labels), patient_id=record.patient_id
-        )
-
-
-@dataclass(frozen=True)
-class PairedBatch:
-    """A collated batch: ``images`` stacked to ``(B, ...)``; the rest as lists of length B."""
-
-    images: torch.Tensor
-    reports: list[str]
-    labels: list[dict[str, float | None]]
-    patient_ids: list[str]
-
-
-def collate_paired(samples: Sequence[PairedSample]) -> PairedBatch:
-    """Stack the images of a batch (tensors or arrays of one shape) into a ``(B, ...)`` tensor.
-
-    Use as the DataLoader's ``collate_fn``; the default collate cannot take dataclasses.
-    Images of different shapes need a ``transform`` that resizes them first.
-    """
-    if not samples:
-        raise BatchError("cannot collate an empty batch")
-    tensors = [torch.as_tensor(sample.image) for sample in samples]
-    shapes = {tuple(t.shape) for t in tensors}
-    if len(shapes) > 1:
-        raise BatchError(
-            f"images of different shapes {sorted(shapes)} in one batch: give the dataset a "
-            "transform that resizes them"
-        )
-    return PairedBatch(
-        images=torch.stack(tensors),  # (B, ...)
-        reports=[sample.report for sample in samples],
-        labels=[sample.labels for sample in samples],
-        patient_ids=[sample.patient_id for sample in samples],
-    )

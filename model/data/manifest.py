@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from model.errors import ModelError
-from model.labels import CHEXPERT_LABELS
+from model.labels import CHEXPERT_LABELS, NEGATIVE, POSITIVE, UNCERTAIN
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ MANIFEST_COLUMNS: Final[tuple[str, ...]] = (
 REQUIRED_COLUMNS: Final[tuple[str, ...]] = ("image", "report", "patient_id")
 #: The splits a manifest may name (MIMIC-CXR's spelling).
 SPLITS: Final[tuple[str, ...]] = ("train", "validate", "test")
-_LABEL_VALUES: Final[frozenset[float]] = frozenset({1.0, 0.0, -1.0})
+_LABEL_VALUES: Final[frozenset[float]] = frozenset({POSITIVE, NEGATIVE, UNCERTAIN})
 
 
 class ManifestError(ModelError):

@@ -9,18 +9,14 @@ core), not for large sets. Both maps are deterministic for a given seed.
 
 from __future__ import annotations
 
-import logging
-from typing import Final, Literal
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
 from model.evaluation.errors import EvaluationError
 
-logger = logging.getLogger(__name__)
-
 FloatArray = npt.NDArray[np.float64]
-MapMethod = Literal["pca", "tsne"]
 MAP_METHODS: Final[tuple[str, ...]] = ("pca", "tsne")
 #: Largest point count the dense t-SNE accepts (memory grows as N²).
 TSNE_MAX_POINTS: Final = 5000

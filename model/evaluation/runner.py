@@ -302,6 +302,99 @@ def _similarity(queries: FloatArray, candidates: FloatArray) -> npt.NDArray[np.f
     return queries.astype(np.float64) @ candidates.astype(np.float64).T  # (Q, N)
 
 
+def _embed_protocol_images(
+    protocol: RetrievalProtocol,
+    encoder: Encoder,
+    backbone: BackboneEncoder | None,
+    image_root: Path | None,
+    cache: EmbeddingCache | None,
+    opts: EvaluationOptions,
+    report: ProgressCallback,
+    cancel: threading.Event | None,
+) -> tuple[dict[str, FloatArray], dict[str, EmbeddingStats]]:
+    """Every protocol image in each feature space (the model's, the backbone's): rows in
+    the order of ``protocol.image_paths()``."""
+    paths = protocol.image_paths()
+    where: dict[str, str] = {}
+    for item in protocol.images():
+        where.setdefault(item.path, item.where)
+    hashes = _hash_files(paths, image_root, where, report, cancel)
+    spaces = {MODEL: encoder.model_id}
+    encoders: dict[str, Callable[[Sequence[np.ndarray], int], FloatArray]] = {
+        MODEL: lambda images, size: encoder.encode_images(images, batch_size=size)
+    }
+    if backbone is not None:
+        spaces[BACKBONE] = backbone.feature_id
+        encoders[BACKBONE] = lambda images, size: backbone.image_backbone_features(
+            images, batch_size=size
+        )
+    return _embed_images(
+        encoders,
+        paths,
+        hashes,
+        root=image_root,
+        where=where,
+        spaces=spaces,
+        cache=cache,
+        batch_size=opts.batch_size,
+        progress=report,
+        cancel=cancel,
+    )
+
+
+def _image_task(
+    protocol: RetrievalProtocol,
+    vectors: dict[str, FloatArray],
+    queries: npt.NDArray[np.int64],
+    candidates: npt.NDArray[np.int64],
+    opts: EvaluationOptions,
+) -> dict[str, RetrievalScores]:
+    """Image→image scores of every embedded space and of the two random baselines."""
+    categories = protocol.categories
+    positive = protocol.positives(protocol.image_candidates)  # (N, C)
+    query_category = protocol.image_query_categories()  # (Q,)
+    task: dict[str, RetrievalScores] = {}
+    for space, embedded in vectors.items():  # (P, D) each
+        task[space] = score_retrieval(
+            _similarity(embedded[queries], embedded[candidates]),
+            positive,
+            query_category,
+            categories,
+            opts.ks,
+        )
+    task[RANDOM] = random_baseline(
+        positive, query_category, categories, opts.ks, repeats=opts.random_repeats, seed=opts.seed
+    )
+    task[RANDOM_EXPECTED] = analytic_random_baseline(positive, query_category, categories, opts.ks)
+    return task
+
+
+def _text_task(
+    protocol: RetrievalProtocol,
+    texts: FloatArray,
+    candidates: FloatArray,
+    opts: EvaluationOptions,
+) -> dict[str, RetrievalScores]:
+    """Text→image scores of the model (queries (T, D), candidates (N', D)) and of chance."""
+    categories = protocol.categories
+    positive = protocol.positives(protocol.text_candidates)  # (N', C)
+    query_category = protocol.text_query_categories()  # (T,)
+    return {
+        MODEL: score_retrieval(
+            _similarity(texts, candidates), positive, query_category, categories, opts.ks
+        ),
+        RANDOM: random_baseline(
+            positive,
+            query_category,
+            categories,
+            opts.ks,
+            repeats=opts.random_repeats,
+            seed=opts.seed + 1,
+        ),
+        RANDOM_EXPECTED: analytic_random_baseline(positive, query_category, categories, opts.ks),
+    }
+
+
 def run_evaluation(
     protocol: RetrievalProtocol,
     encoder: Encoder,
@@ -326,32 +419,9 @@ def run_evaluation(
     image_root = Path(root) if root is not None else None
     report(0.0, "validating")
     validate_protocol(protocol, image_root)
-
     paths = protocol.image_paths()
-    where: dict[str, str] = {}
-    for item in protocol.images():
-        where.setdefault(item.path, item.where)
-    hashes = _hash_files(paths, image_root, where, report, cancel)
-    spaces = {MODEL: encoder.model_id}
-    encoders: dict[str, Callable[[Sequence[np.ndarray], int], FloatArray]] = {
-        MODEL: lambda images, size: encoder.encode_images(images, batch_size=size)
-    }
-    if backbone is not None:
-        spaces[BACKBONE] = backbone.feature_id
-        encoders[BACKBONE] = lambda images, size: backbone.image_backbone_features(
-            images, batch_size=size
-        )
-    vectors, stats = _embed_images(
-        encoders,
-        paths,
-        hashes,
-        root=image_root,
-        where=where,
-        spaces=spaces,
-        cache=cache,
-        batch_size=opts.batch_size,
-        progress=report,
-        cancel=cancel,
+    vectors, stats = _embed_protocol_images(
+        protocol, encoder, backbone, image_root, cache, opts, report, cancel
     )
     row = {path: i for i, path in enumerate(paths)}
 
@@ -360,58 +430,12 @@ def run_evaluation(
 
     _check_stop(cancel)
     report(0.95, "scoring")
-    categories = protocol.categories
     image_candidates = rows(protocol.image_candidates)
     image_queries = rows(protocol.image_queries)
-    text_candidates = rows(protocol.text_candidates)
-    image_positive = protocol.positives(protocol.image_candidates)  # (N, C)
-    text_positive = protocol.positives(protocol.text_candidates)  # (N', C)
-    image_query_category = protocol.image_query_categories()  # (Q,)
-    text_query_category = protocol.text_query_categories()  # (T,)
-
-    image_task: dict[str, RetrievalScores] = {}
-    for space in spaces:
-        embedded = vectors[space]  # (P, D)
-        image_task[space] = score_retrieval(
-            _similarity(embedded[image_queries], embedded[image_candidates]),
-            image_positive,
-            image_query_category,
-            categories,
-            opts.ks,
-        )
-    image_task[RANDOM] = random_baseline(
-        image_positive,
-        image_query_category,
-        categories,
-        opts.ks,
-        repeats=opts.random_repeats,
-        seed=opts.seed,
-    )
-    image_task[RANDOM_EXPECTED] = analytic_random_baseline(
-        image_positive, image_query_category, categories, opts.ks
-    )
-
+    image_task = _image_task(protocol, vectors, image_queries, image_candidates, opts)
     texts = encoder.encode_texts([q.text for q in protocol.text_queries])  # (T, D)
-    text_task: dict[str, RetrievalScores] = {
-        MODEL: score_retrieval(
-            _similarity(texts, vectors[MODEL][text_candidates]),
-            text_positive,
-            text_query_category,
-            categories,
-            opts.ks,
-        ),
-        RANDOM: random_baseline(
-            text_positive,
-            text_query_category,
-            categories,
-            opts.ks,
-            repeats=opts.random_repeats,
-            seed=opts.seed + 1,
-        ),
-        RANDOM_EXPECTED: analytic_random_baseline(
-            text_positive, text_query_category, categories, opts.ks
-        ),
-    }
+    text_task = _text_task(protocol, texts, vectors[MODEL][rows(protocol.text_candidates)], opts)
+    image_positive = protocol.positives(protocol.image_candidates)  # (N, C)
     candidate_categories = np.where(
         image_positive.sum(axis=1) == 1, image_positive.argmax(axis=1), -1
     ).astype(np.int64)  # (N,)

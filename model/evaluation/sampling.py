@@ -44,6 +44,33 @@ def _category_rng(seed: int, category: str) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, int.from_bytes(digest[:8], "little")])
 
 
+def _check_request(chosen: tuple[str, ...], candidates: int, queries: int) -> None:
+    if not chosen:
+        raise ProtocolError("choose at least one category", code="protocol_file_invalid")
+    if len(set(chosen)) != len(chosen):
+        raise ProtocolError(f"categories repeat: {', '.join(chosen)}", code="protocol_file_invalid")
+    if candidates < 1 or queries < 1:
+        raise ProtocolError(
+            "candidates and queries per category must be at least 1",
+            code="protocol_file_invalid",
+        )
+
+
+def _eligible_by_category(
+    images: Sequence[LabelledImage], chosen: tuple[str, ...]
+) -> dict[str, list[LabelledImage]]:
+    """Each category's images with exactly one positive label among ``chosen`` (a path once)."""
+    by_category: dict[str, list[LabelledImage]] = {category: [] for category in chosen}
+    seen: set[str] = set()
+    for image in images:
+        positive = labelled_positive(image.labels, chosen)
+        if len(positive) != 1 or image.path in seen:
+            continue
+        seen.add(image.path)
+        by_category[positive[0]].append(image)
+    return by_category
+
+
 def sample_protocol(
     images: Sequence[LabelledImage],
     categories: Sequence[str],
@@ -63,23 +90,8 @@ def sample_protocol(
     category outside ``categories`` (``category_absent``).
     """
     chosen = tuple(categories)
-    if not chosen:
-        raise ProtocolError("choose at least one category", code="protocol_file_invalid")
-    if len(set(chosen)) != len(chosen):
-        raise ProtocolError(f"categories repeat: {', '.join(chosen)}", code="protocol_file_invalid")
-    if candidates_per_category < 1 or queries_per_category < 1:
-        raise ProtocolError(
-            "candidates and queries per category must be at least 1",
-            code="protocol_file_invalid",
-        )
-    by_category: dict[str, list[LabelledImage]] = {category: [] for category in chosen}
-    seen: set[str] = set()
-    for image in images:
-        positive = labelled_positive(image.labels, chosen)
-        if len(positive) != 1 or image.path in seen:
-            continue
-        seen.add(image.path)
-        by_category[positive[0]].append(image)
+    _check_request(chosen, candidates_per_category, queries_per_category)
+    by_category = _eligible_by_category(images, chosen)
     needed = candidates_per_category + queries_per_category
     short = {c: len(found) for c, found in by_category.items() if len(found) < needed}
     if short:

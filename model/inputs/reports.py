@@ -11,7 +11,6 @@ IU X-ray (Open-i) reports use ``XXXX`` for the same purpose, number their impres
 
 from __future__ import annotations
 
-import logging
 import random
 import re
 import xml.etree.ElementTree as ET
@@ -20,8 +19,6 @@ from pathlib import Path
 from typing import Final
 
 from model.errors import ModelError
-
-logger = logging.getLogger(__name__)
 
 
 class ReportError(ModelError):
@@ -273,24 +270,6 @@ def sample_sentence(report: str, rng: random.Random) -> str:
     if not sentences:
         return " ".join(body.split())
     return sentences[rng.randrange(len(sentences))]
-
-
-class SentenceSampler:
-    """A picklable ``text_sampler`` for :class:`model.data.datasets.PairedDataset`.
-
-    Holds its own seeded generator. DataLoader workers receive copies in the same state,
-    so give each worker its own seed (e.g. via ``worker_init_fn``) through :meth:`reseed`
-    when their draws must differ.
-    """
-
-    def __init__(self, seed: int | None = None) -> None:
-        self.rng = random.Random(seed)
-
-    def reseed(self, seed: int) -> None:
-        self.rng.seed(seed)
-
-    def __call__(self, report: str) -> str:
-        return sample_sentence(report, self.rng)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ any subset of the keys; the rest keep their defaults. Overrides such as
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -29,8 +28,6 @@ from model.config import (
     config_from_dict,
     config_to_dict,
 )
-
-logger = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "plateau", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -274,6 +271,20 @@ def load_train_config(
         if not isinstance(data, dict):
             raise InvalidConfigError(f"config {source} must hold a mapping at its top level")
     return train_config_from_dict(apply_overrides(data, overrides))
+
+
+def resume_config(
+    checkpoint_path: str | os.PathLike[str], overrides: Iterable[str] = ()
+) -> TrainConfig:
+    """The config stored in a training checkpoint, with ``overrides`` applied on top.
+
+    Only overrides that do not change the data or the model (``train.epochs``,
+    ``train.max_steps``, ``train.time_budget_s``, ``optim.lr``, ...) keep the resume exact.
+    """
+    from model.checkpoint import load_checkpoint
+
+    stored = load_checkpoint(checkpoint_path)["config"]
+    return train_config_from_dict(apply_overrides(stored, overrides))
 
 
 def train_config_from_dict(data: Mapping[str, Any]) -> TrainConfig:

@@ -38,7 +38,8 @@ from model.data.manifest import read_manifest  # noqa: E402
 from model.data.synthetic import generate_corpus  # noqa: E402
 from model.inputs.decode import decode_file  # noqa: E402
 from model.training.config import load_train_config  # noqa: E402
-from model.training.trainer import Trainer, read_metrics  # noqa: E402
+from model.training.plots import read_metrics  # noqa: E402
+from model.training.trainer import Trainer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

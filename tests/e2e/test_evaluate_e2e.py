@@ -228,7 +228,9 @@ def test_backbone_baseline_is_the_imagenet_backbone(layout: dict[str, Path]) -> 
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(initial.image_backbone_features(pixels), expected, atol=1e-5)
     # Contrastive training moved the bundle's own backbone away from ImageNet's.
-    trained = bundle.image_backbone_features(pixels)
+    with torch.inference_mode():
+        trained = bundle.model.image_backbone_features(bundle.preprocessing.stack(pixels)).numpy()
+    trained /= np.linalg.norm(trained, axis=1, keepdims=True)
     assert np.abs(trained - expected).max() > 1e-3
     # The baseline's cache key depends on the tower and preprocessing, not the trained model.
     assert initial.feature_id != bundle.model_id

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from model.bundle import (
     BundleInvalidError,
     EncoderBundle,
     export_bundle,
-    read_manifest,
+    read_bundle_manifest,
 )
 from model.checkpoint import save_checkpoint
 from model.convirt import build_model
@@ -36,15 +38,18 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bundle_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smaller corpus than the trainer tests' (12 studies): only its images are read."""
     return generate_corpus(tmp_path_factory.mktemp("corpus"), 12, seed=3, size=96, progress=False)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+def checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, bundle_corpus: Path, towers: tuple[Path, Path]
+) -> Path:
     """A weights checkpoint of the tiny model, as the trainer writes best.pt."""
     root = tmp_path_factory.mktemp("ckpt")
-    config = tiny_config(corpus, root / "run", make_tiny_towers(root))
+    config = tiny_config(bundle_corpus, root / "run", towers)
     torch.manual_seed(0)
     model = build_model(config.model)
     return save_checkpoint(
@@ -69,8 +74,8 @@ def bundle(bundle_dir: Path) -> EncoderBundle:
 
 
 @pytest.fixture(scope="module")
-def images(corpus: Path) -> list[np.ndarray]:
-    return [decode_file(r.image_path).pixels for r in read_pairs(corpus)[:7]]
+def images(bundle_corpus: Path) -> list[np.ndarray]:
+    return [decode_file(r.image_path).pixels for r in read_pairs(bundle_corpus)[:7]]
 
 
 @pytest.fixture
@@ -80,7 +85,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bundle_layout_and_model_id(bundle_dir: Path) -> None:
-    manifest = read_manifest(bundle_dir)
+    manifest = read_bundle_manifest(bundle_dir)
     assert manifest["model_id"].startswith("sha256:")
     assert len(manifest["model_id"]) == len("sha256:") + 64
     assert manifest["dim"] == 512
@@ -97,7 +102,7 @@ def test_bundle_layout_and_model_id(bundle_dir: Path) -> None:
 
 def test_export_is_deterministic(checkpoint: Path, bundle_dir: Path, tmp_path: Path) -> None:
     again = export_bundle(checkpoint, tmp_path / "again", name="tiny")
-    assert read_manifest(again)["model_id"] == read_manifest(bundle_dir)["model_id"]
+    assert read_bundle_manifest(again)["model_id"] == read_bundle_manifest(bundle_dir)["model_id"]
 
 
 def test_export_refuses_a_non_empty_directory(checkpoint: Path, tmp_path: Path) -> None:
@@ -111,7 +116,7 @@ def test_encodings_are_unit_norm_float32_and_deterministic(
     bundle: EncoderBundle, images: list[np.ndarray]
 ) -> None:
     assert bundle.dim == 512
-    assert bundle.model_id == read_manifest(bundle.path)["model_id"]
+    assert bundle.model_id == read_bundle_manifest(bundle.path)["model_id"]
     image_vectors = bundle.encode_images(images, batch_size=3)
     text_vectors = bundle.encode_texts(TEXTS, batch_size=2)
     for vectors, count in ((image_vectors, len(images)), (text_vectors, len(TEXTS))):
@@ -129,14 +134,12 @@ def test_encodings_are_unit_norm_float32_and_deterministic(
 def test_empty_inputs_give_empty_matrices(bundle: EncoderBundle) -> None:
     assert bundle.encode_images([]).shape == (0, 512)
     assert bundle.encode_texts([]).shape == (0, 512)
-    assert bundle.image_backbone_features([]).shape[0] == 0
 
 
 def test_bundle_embeds_like_the_checkpoint_model(
     bundle: EncoderBundle, checkpoint: Path, images: list[np.ndarray]
 ) -> None:
-    from model.checkpoint import load_checkpoint
-    from model.training.trainer import model_from_checkpoint
+    from model.checkpoint import load_checkpoint, model_from_checkpoint
 
     model, _ = model_from_checkpoint(load_checkpoint(checkpoint))
     model.eval()
@@ -147,11 +150,38 @@ def test_bundle_embeds_like_the_checkpoint_model(
     np.testing.assert_allclose(bundle.encode_texts(TEXTS), expected_texts, atol=1e-5)
 
 
-def test_backbone_features(bundle: EncoderBundle, images: list[np.ndarray]) -> None:
-    features = bundle.image_backbone_features(images, batch_size=4)
-    assert features.shape[0] == len(images)
-    assert features.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-5)
+def test_export_and_load_never_import_training(
+    checkpoint: Path, tmp_path: Path, images: list[np.ndarray]
+) -> None:
+    """The service loads bundles without the trainer's code (and its dependencies)."""
+    script = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from model.bundle import EncoderBundle, export_bundle\n"
+        f"out = export_bundle({str(checkpoint)!r}, {str(tmp_path / 'b')!r})\n"
+        "bundle = EncoderBundle.load(out, device='cpu')\n"
+        "bundle.encode_texts(['No effusion.'])\n"
+        "bundle.encode_images([np.zeros((64, 64), np.float32)])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('model.training')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_export_names_the_bundle_after_the_run_unless_told(
+    checkpoint: Path, bundle: EncoderBundle, tmp_path: Path
+) -> None:
+    from model.checkpoint import load_checkpoint
+
+    run_name = load_checkpoint(checkpoint)["config"]["name"]
+    assert run_name != "tiny"
+    assert bundle.name == "tiny"
+    out = export_bundle(checkpoint, tmp_path / "unnamed")
+    assert read_bundle_manifest(out)["name"] == run_name
+    assert EncoderBundle.load(out, device="cpu").config["model"] == bundle.config["model"]
 
 
 def test_concurrent_encoding_matches_sequential(
@@ -169,10 +199,10 @@ def test_concurrent_encoding_matches_sequential(
 
 
 def test_a_moved_bundle_needs_none_of_its_training_files(
-    corpus: Path, tmp_path: Path, offline: None
+    bundle_corpus: Path, tmp_path: Path, offline: None
 ) -> None:
     towers_root = tmp_path / "towers"
-    config = tiny_config(corpus, tmp_path / "run", make_tiny_towers(towers_root))
+    config = tiny_config(bundle_corpus, tmp_path / "run", make_tiny_towers(towers_root))
     model = build_model(config.model)
     checkpoint = save_checkpoint(
         tmp_path / "best.pt", {"config": train_config_to_dict(config), "model": model.state_dict()}

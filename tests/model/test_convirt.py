@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,9 +17,6 @@ from model.convirt import ConVIRT, ModelInputError, build_model
 from model.loss import ConVIRTLoss
 from model.towers.efficientnet_lite import LITE_MEAN, LITE_STD
 from model.transforms import EvalTransform
-
-# Every transformers load in these tests reads local files; never reach for the hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TEXTS = ["no acute cardiopulmonary abnormality", "right lower lobe consolidation"]
 

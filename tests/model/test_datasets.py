@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import gzip
 import logging
-import pickle
 import random
 import shutil
 import tarfile
@@ -14,18 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from model.data.datasets import (
-    BatchError,
-    PairedBatch,
-    PairedDataset,
-    PairedSample,
     PatientLeakError,
     chexpert_records,
-    collate_paired,
     iu_mesh_labels,
     iu_xray_records,
     manifest_records,
@@ -34,10 +26,7 @@ from model.data.datasets import (
 )
 from model.data.manifest import ManifestError, PairedRecord, write_manifest
 from model.errors import ModelError
-from model.inputs.decode import ImageDecodeError
-from model.inputs.reports import SentenceSampler, split_sentences
 from model.labels import CHEXPERT_LABELS
-from model.transforms import EvalTransform
 
 
 def _image(path: Path, value: int = 128, size: tuple[int, int] = (24, 20)) -> Path:
@@ -482,106 +471,3 @@ def test_split_with_zero_share_and_no_records() -> None:
 
 
 # --------------------------------------------------------------------------- Dataset
-
-
-@pytest.fixture(scope="module")
-def kermany_records(shared_dir: Path) -> list[PairedRecord]:
-    """The 16 real pediatric radiographs, each with a two-sentence report."""
-    folder = shared_dir / "data" / "kermany-16"
-    with (folder / "labels.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    records = []
-    for row in rows:
-        pneumonia = row["label"] != "normal"
-        report = (
-            "FINDINGS: Patchy airspace opacity. Heart size normal.\nIMPRESSION: Pneumonia."
-            if pneumonia
-            else "FINDINGS: Lungs are clear. Heart size normal.\nIMPRESSION: Normal chest."
-        )
-        records.append(
-            PairedRecord(
-                image_path=folder / "images" / row["file"],
-                report=report,
-                labels={"Pneumonia": 1.0 if pneumonia else 0.0},
-                patient_id=row["file"].split("-")[1] if "-" in row["file"] else row["file"],
-                study_id=Path(row["file"]).stem,
-            )
-        )
-    return records
-
-
-def test_dataset_decodes_real_radiographs(kermany_records: list[PairedRecord]) -> None:
-    dataset = PairedDataset(kermany_records)
-    assert len(dataset) == 16
-    sample = dataset[0]
-    assert isinstance(sample, PairedSample)
-    expected = np.asarray(Image.open(kermany_records[0].image_path).convert("L"), np.float32)
-    assert sample.image.dtype == np.float32
-    assert sample.image.shape == expected.shape
-    assert sample.image.min() >= 0.0
-    assert sample.image.max() <= 1.0
-    # Decoding is a rescale of the stored pixels, nothing else: brightness order is kept.
-    assert np.corrcoef(sample.image.ravel(), expected.ravel())[0, 1] > 0.999
-    assert sample.report == kermany_records[0].report
-    assert sample.labels == kermany_records[0].labels
-    assert sample.patient_id == kermany_records[0].patient_id
-
-
-def test_dataset_applies_transform_and_text_sampler(kermany_records: list[PairedRecord]) -> None:
-    dataset = PairedDataset(
-        kermany_records, transform=EvalTransform(64), text_sampler=SentenceSampler(seed=0)
-    )
-    sample = dataset[3]
-    assert isinstance(sample.image, torch.Tensor)
-    assert tuple(sample.image.shape) == (3, 64, 64)
-    assert sample.report in split_sentences(
-        "Patchy airspace opacity. Heart size normal. Pneumonia. Lungs are clear. Normal chest."
-    )
-
-
-def test_dataset_in_a_dataloader_with_worker_processes(kermany_records: list[PairedRecord]) -> None:
-    dataset = PairedDataset(
-        kermany_records, transform=EvalTransform(32), text_sampler=SentenceSampler(seed=1)
-    )
-    assert pickle.loads(pickle.dumps(dataset)).records == dataset.records
-    loader = DataLoader(dataset, batch_size=5, num_workers=2, collate_fn=collate_paired)
-    batches = list(loader)
-    assert [b.images.shape[0] for b in batches] == [5, 5, 5, 1]
-    first = batches[0]
-    assert isinstance(first, PairedBatch)
-    assert tuple(first.images.shape) == (5, 3, 32, 32)
-    assert first.images.dtype == torch.float32
-    assert first.patient_ids == [r.patient_id for r in kermany_records[:5]]
-    assert first.labels == [r.labels for r in kermany_records[:5]]
-    assert all(text in kermany_records[i].report for i, text in enumerate(first.reports))
-
-
-def test_collate_refuses_mixed_shapes_and_empty_batches(
-    kermany_records: list[PairedRecord],
-) -> None:
-    dataset = PairedDataset(kermany_records)
-    shapes = {dataset[i].image.shape for i in range(len(dataset))}
-    assert len(shapes) > 1  # the real radiographs differ in size
-    with pytest.raises(BatchError, match="different shapes") as info:
-        collate_paired([dataset[i] for i in range(len(dataset))])
-    assert info.value.code == "invalid_batch"
-    with pytest.raises(BatchError, match="empty"):
-        collate_paired([])
-
-
-def test_dataset_errors_name_the_file(tmp_path: Path) -> None:
-    (tmp_path / "report.png").write_text("not a picture")
-    records = [
-        PairedRecord(tmp_path / "report.png", "r", {}, "p1", "s1"),
-        PairedRecord(tmp_path / "gone.png", "r", {}, "p2", "s2"),
-        PairedRecord(_image(tmp_path / "big.png", size=(64, 64)), "r", {}, "p3", "s3"),
-    ]
-    dataset = PairedDataset(records, max_pixels=1000)
-    with pytest.raises(ImageDecodeError) as info:
-        dataset[0]
-    assert any("report.png" in note for note in info.value.__notes__)
-    with pytest.raises(FileNotFoundError) as missing:
-        dataset[1]
-    assert any("gone.png" in note for note in missing.value.__notes__)
-    with pytest.raises(ImageDecodeError, match="more than the 1000"):
-        dataset[2]

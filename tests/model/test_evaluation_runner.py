@@ -28,7 +28,7 @@ from model.evaluation.embedding_map import pca_2d, tsne_2d
 from model.evaluation.errors import EvaluationError, ProtocolError
 from model.evaluation.metrics import precision_key
 from model.evaluation.protocol import read_chexpert_8x200
-from model.evaluation.report import write_report
+from model.evaluation.report_files import write_report
 from model.evaluation.runner import (
     BACKBONE,
     IMAGE_TO_IMAGE,

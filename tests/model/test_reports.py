@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import random
 import re
 import tarfile
@@ -15,7 +14,6 @@ from model.errors import ModelError
 from model.inputs.reports import (
     IUReport,
     ReportError,
-    SentenceSampler,
     parse_iu_report_xml,
     parse_sections,
     report_body,
@@ -219,16 +217,6 @@ def test_sampling_is_uniform_over_sentences(iu_reports: dict[str, IUReport]) -> 
     chi_square = sum((counts[s] - expected) ** 2 / expected for s in sentences)
     # 7 degrees of freedom: the 0.1 % critical value is 24.32.
     assert chi_square < 24.32
-
-
-def test_sentence_sampler_is_picklable_and_seeded() -> None:
-    text = "FINDINGS: One. Two. Three. Four. Five.\nIMPRESSION: Six."
-    sampler = SentenceSampler(seed=3)
-    copy = pickle.loads(pickle.dumps(sampler))
-    assert [sampler(text) for _ in range(20)] == [copy(text) for _ in range(20)]
-    same, other = SentenceSampler(seed=3), SentenceSampler(seed=3)
-    other.reseed(4)
-    assert [other(text) for _ in range(20)] != [same(text) for _ in range(20)]
 
 
 MIMIC_STYLE = """\

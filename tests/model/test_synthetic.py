@@ -4,6 +4,7 @@ the corpus and CheXpert-tree writers, and the ``convirt demo-data`` command."""
 from __future__ import annotations
 
 import csv
+import json
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -437,6 +438,35 @@ def test_corpus_rerun_reuses_images_and_refuses_another_seed(tmp_path: Path) -> 
     with pytest.raises(SyntheticDataError) as err:
         generate_corpus(tmp_path, 5, seed=3, size=96, progress=False)
     assert err.value.code == "corpus_mismatch"
+
+
+def test_a_corpus_made_before_the_package_split_is_still_reused(tmp_path: Path) -> None:
+    # The stamp a corpus carries names the generator by its import path; corpora already
+    # on disk (the demo's) were stamped when the generator was a single module.
+    from model.data.synthetic import GENERATOR_VERSION
+
+    (tmp_path / "images").mkdir()
+    stamp = {"generator": "model.data.synthetic", "version": GENERATOR_VERSION, "seed": 3}
+    (tmp_path / "synthetic.json").write_text(json.dumps({**stamp, "size": 64}), encoding="utf-8")
+    generate_corpus(tmp_path, 2, seed=3, size=64, progress=False)
+    assert len(list((tmp_path / "images").iterdir())) == 2
+    written = json.loads((tmp_path / "synthetic.json").read_text(encoding="utf-8"))
+    assert written == {**stamp, "size": 64}
+
+
+def test_every_finding_of_the_table_is_painted_and_reported() -> None:
+    """A row added to the findings table needs a painter and a writer before it renders."""
+    from model.data.synthetic.findings import FINDINGS
+
+    assert sorted(kind.label for kind in FINDINGS) == sorted(FINDING_LABELS)
+    for kind in FINDINGS:
+        finding = Finding(kind.label, kind.sides[0], "moderate", kind.locations[0])
+        rendered = study(5, [finding], size=96)
+        assert rendered.labels[kind.label] == 1.0
+        assert rendered.labels["No Finding"] == 0.0
+        assert rendered.geometry.masks[kind.label].any(), kind.label
+        findings_text = sections(rendered.report)["FINDINGS"]
+        assert any(mentions(s, kind.label) for s in sentences(findings_text)), kind.label
 
 
 def test_corpus_refuses_bad_arguments(tmp_path: Path) -> None:

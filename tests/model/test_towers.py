@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +29,6 @@ from model.towers.text import (
     masked_mean_pool,
 )
 from model.transforms import EvalTransform
-
-# Every transformers load in these tests reads local files; never reach for the hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 #: ImageNet classes 281–285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
 CAT_CLASSES = set(range(281, 286))

@@ -13,99 +13,15 @@ from model.bundle import EncoderBundle, export_bundle
 from model.checkpoint import load_checkpoint
 from model.config import InvalidConfigError
 from model.data.manifest import read_manifest
-from model.data.synthetic import generate_corpus
 from model.inputs.decode import decode_file
 from model.training.config import dump_train_config, load_train_config
-from model.training.trainer import (
-    EpochBatchSampler,
-    TrainingDataError,
-    read_metrics,
-    sample_seed,
-    split_records,
-    train,
-)
+from model.training.plots import read_metrics
+from model.training.trainer import train
 from tests.model.trainer_support import (
     NO_AUGMENT,
-    make_tiny_towers,
     tiny_config,
     unique_sentence_manifest,
 )
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_corpus(tmp_path_factory.mktemp("corpus"), 64, seed=0, size=96, progress=False)
-
-
-@pytest.fixture(scope="module")
-def towers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_tiny_towers(tmp_path_factory.mktemp("towers"))
-
-
-# --------------------------------------------------------------------------- data order
-
-
-def test_sampler_shards_each_global_batch_and_resumes_mid_epoch() -> None:
-    single = EpochBatchSampler(20, 4, seed=7)
-    single.set_epoch(3)
-    batches = list(single)
-    assert len(batches) == 5
-    assert all(epoch == 3 for batch in batches for epoch, _ in batch)
-    assert sorted(i for batch in batches for _, i in batch) == list(range(20))
-    # Two processes split every global batch into contiguous halves.
-    ranks = [EpochBatchSampler(20, 4, seed=7, rank=r, world_size=2) for r in (0, 1)]
-    for sampler in ranks:
-        sampler.set_epoch(3)
-    for batch, half0, half1 in zip(batches, *ranks, strict=True):
-        assert half0 + half1 == batch
-    # Resuming at global batch 2 yields exactly the remaining batches.
-    single.set_epoch(3, start_batch=2)
-    assert list(single) == batches[2:]
-    assert len(single) == 3
-    # Another epoch, another order; the same epoch, the same order.
-    single.set_epoch(4)
-    assert list(single) != batches
-    assert single.global_batch(3, 1) == [i for _, i in batches[1]]
-
-
-def test_sampler_drops_the_incomplete_batch_and_checks_divisibility() -> None:
-    assert len(EpochBatchSampler(21, 4, seed=0)) == 5
-    with pytest.raises(InvalidConfigError):
-        EpochBatchSampler(20, 6, seed=0, world_size=4)
-
-
-def test_sample_seeds_depend_on_seed_epoch_and_index_only() -> None:
-    assert sample_seed(0, 0, 1, 2) == sample_seed(0, 0, 1, 2)
-    seeds = {sample_seed(s, 0, e, i) for s in (0, 1) for e in (0, 1) for i in (0, 1)}
-    assert len(seeds) == 8
-
-
-def test_split_keeps_the_manifest_split_and_never_trains_on_test(
-    corpus: Path, tmp_path: Path
-) -> None:
-    records = read_manifest(corpus)
-    config = load_train_config("cpu-small", [f"data.source={corpus}", "data.batch_size=4"])
-    train_records, val_records = split_records(records, config)
-    assert {r.split for r in train_records} == {"train"}
-    assert {r.split for r in val_records} == {"validate"}
-    reassigned = load_train_config(
-        "cpu-small",
-        [f"data.source={corpus}", "data.batch_size=4", "data.use_manifest_split=false"],
-    )
-    train_records, val_records = split_records(records, reassigned)
-    test_ids = {r.study_id for r in records if r.split == "test"}
-    used = {r.study_id for r in train_records + val_records}
-    assert not used & test_ids
-    assert not {r.patient_id for r in train_records} & {r.patient_id for r in val_records}
-    too_big = load_train_config("cpu-small", [f"data.source={corpus}", "data.batch_size=512"])
-    with pytest.raises(TrainingDataError):
-        split_records(records, too_big)
-
 
 # --------------------------------------------------------------------------- training runs
 
@@ -277,11 +193,13 @@ def test_cli_train_then_export(corpus: Path, towers: tuple[Path, Path], tmp_path
 def test_checkpoints_rebuild_their_own_model(
     corpus: Path, towers: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from model.training.trainer import model_from_checkpoint
+    from model.checkpoint import checkpoint_run_name, model_from_checkpoint
 
-    result = train(tiny_config(corpus, tmp_path / "run", towers, "train.max_steps=1"))
+    config = tiny_config(corpus, tmp_path / "run", towers, "train.max_steps=1")
+    result = train(config)
     checkpoint = load_checkpoint(result.last_checkpoint)
-    model, config = model_from_checkpoint(checkpoint)
-    assert config.data.batch_size == 8
+    model, model_config = model_from_checkpoint(checkpoint)
+    assert model_config == config.model
+    assert checkpoint_run_name(checkpoint) == config.name
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, checkpoint["model"][name])

@@ -10,27 +10,13 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
-from model.data.synthetic import generate_corpus
-from model.training.trainer import TrainingDiverged, TrainResult, read_metrics, resume_config, train
-from tests.model.trainer_support import make_tiny_towers, tiny_config
+from model.training.config import resume_config
+from model.training.plots import read_metrics
+from model.training.trainer import TrainingDiverged, TrainResult, train
+from tests.model.trainer_support import tiny_config
 
 # 54 training pairs of the 64-study corpus, batches of 8: 6 optimizer steps per epoch.
 STEPS_PER_EPOCH = 6
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_corpus(tmp_path_factory.mktemp("corpus"), 64, seed=0, size=96, progress=False)
-
-
-@pytest.fixture(scope="module")
-def towers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_tiny_towers(tmp_path_factory.mktemp("towers"))
 
 
 @pytest.fixture(scope="module")

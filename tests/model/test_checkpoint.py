@@ -58,3 +58,15 @@ def test_foreign_or_missing_files_are_refused(tmp_path: Path) -> None:
     garbage.write_bytes(b"not a zip file")
     with pytest.raises(CheckpointError, match="could not be read"):
         load_checkpoint(garbage)
+
+
+def test_a_checkpoint_without_a_usable_model_config_is_refused() -> None:
+    from model.checkpoint import checkpoint_run_name, model_from_checkpoint
+    from model.config import InvalidConfigError
+
+    with pytest.raises(CheckpointError, match="not a mapping"):
+        model_from_checkpoint({"config": "cpu-small", "model": {}})
+    with pytest.raises(CheckpointError, match="no run name"):
+        checkpoint_run_name({"config": {"model": {}}})
+    with pytest.raises(InvalidConfigError, match=r"projection\.dim"):
+        model_from_checkpoint({"config": {"model": {"projection": {"dim": "wide"}}}, "model": {}})

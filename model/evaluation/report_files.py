@@ -1,4 +1,4 @@
-"""The evaluation report: ``report.json``, ``report.md`` and two figures.
+"""The evaluation report's files: ``report.json``, ``report.md`` and two figures.
 
 - ``report.json``: :meth:`EvaluationResult.to_dict` (every score, per category and mean).
 - ``report.md``: the headline table (mean P@k and mAP of the model against the
