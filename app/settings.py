@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=8192 * 8192, gt=0, description="width × height above which a decode is refused"
     )
+    max_aspect_ratio: float = Field(
+        default=4.0,
+        ge=1.0,
+        description="longer side over shorter side above which an image is refused (422)",
+    )
     max_query_chars: int = Field(default=1000, gt=0, description="longest text query")
     k_max: int = Field(default=1000, ge=1, description="most hits one search may ask for")
     encode_concurrency: int = Field(

@@ -113,6 +113,7 @@ class IngestService:
         index: LiveIndex,
         metrics: Metrics,
         max_image_pixels: int,
+        max_aspect_ratio: float | None = None,
     ) -> None:
         self.sessions = sessions
         self.bundle = bundle
@@ -120,6 +121,7 @@ class IngestService:
         self.index = index
         self.metrics = metrics
         self.max_image_pixels = max_image_pixels
+        self.max_aspect_ratio = max_aspect_ratio
 
     # -- steps -------------------------------------------------------------------------
 
@@ -136,7 +138,11 @@ class IngestService:
     def decode(self, item: IngestItem, digest: str | None = None) -> DecodedItem:
         """Decode one item's bytes. Raises :class:`model.inputs.decode.ImageDecodeError`."""
         with self.metrics.stage("decode"):
-            decoded = decode_image(item.data, max_pixels=self.max_image_pixels)
+            decoded = decode_image(
+                item.data,
+                max_pixels=self.max_image_pixels,
+                max_aspect_ratio=self.max_aspect_ratio,
+            )
             levels = quantize(decoded.pixels, decoded.meta.bits)  # (H, W)
         return DecodedItem(item, digest or content_hash(item.data), levels, decoded.meta)
 

@@ -87,6 +87,7 @@ class Runtime:
             index=index,
             metrics=metrics,
             max_image_pixels=settings.max_image_pixels,
+            max_aspect_ratio=settings.max_aspect_ratio,
         )
         self.retrieval = RetrievalService(
             sessions=sessions, index=index, metrics=metrics, model_id=bundle.model_id
