@@ -166,28 +166,33 @@ class IngestService:
             raise ValueError(f"{len(items)} items but {len(vectors)} vectors")
         if not items:
             return []
-        with self.metrics.stage("store"):
-            files = [
-                self.store.write(
-                    it.content_hash,
-                    it.levels,
-                    original=it.item.data,
-                    source_format=it.meta.source_format,
-                )
-                for it in items
-            ]
-        with self.index.change():
-            try:
-                results = self._commit_all(items, vectors, files)
-            except IntegrityError:
-                # Someone stored one of these hashes meanwhile: settle item by item.
-                logger.info("duplicate content hash in a batch of %d; one by one", len(items))
-                results = [self._commit_one(it, vectors[i], files[i]) for i, it in enumerate(items)]
-            created = [i for i, r in enumerate(results) if r.status == "created"]
-            if created:
-                ids = np.asarray([results[i].image_id for i in created], np.int64)  # (M,)
-                with self.metrics.stage("index"):
-                    self.index.add(ids, vectors[created].astype(np.float32))  # (M, D)
+        # The hashes' locks span writing the files and committing the rows, so that a delete
+        # of the same bytes cannot remove these files between the two.
+        with self.store.lock(it.content_hash for it in items):
+            with self.metrics.stage("store"):
+                files = [
+                    self.store.write(
+                        it.content_hash,
+                        it.levels,
+                        original=it.item.data,
+                        source_format=it.meta.source_format,
+                    )
+                    for it in items
+                ]
+            with self.index.change():
+                try:
+                    results = self._commit_all(items, vectors, files)
+                except IntegrityError:
+                    # Someone stored one of these hashes meanwhile: settle item by item.
+                    logger.info("duplicate content hash in a batch of %d; one by one", len(items))
+                    results = [
+                        self._commit_one(it, vectors[i], files[i]) for i, it in enumerate(items)
+                    ]
+                created = [i for i, r in enumerate(results) if r.status == "created"]
+                if created:
+                    ids = np.asarray([results[i].image_id for i in created], np.int64)  # (M,)
+                    with self.metrics.stage("index"):
+                        self.index.add(ids, vectors[created].astype(np.float32))  # (M, D)
         for result in results:
             self.metrics.ingested.labels(result.status).inc()
         return results

@@ -202,9 +202,16 @@ class Runtime:
     def delete_image(self, image_id: int) -> bool:
         """Delete an image: database (committed) first, then the index, then the files.
 
+        The files are removed under the content hash's store lock, and only when no row
+        refers to them any more: a re-upload of the same bytes waits for the lock, so it
+        either committed before (its row keeps the files) or writes them anew after.
         Returns False when there is no such image.
         """
-        with self.index.change():
+        with self.sessions() as session:
+            digest = session.scalar(select(Image.content_hash).where(Image.id == image_id))
+        if digest is None:
+            return False
+        with self.store.lock([digest]), self.index.change():
             with self.metrics.stage("database"), self.sessions() as session, session.begin():
                 row = session.get(Image, image_id)
                 if row is None:
@@ -213,8 +220,12 @@ class Runtime:
                 session.delete(row)
             with self.metrics.stage("index"):
                 self.index.remove(np.asarray([image_id], dtype=np.int64))
-        with self.metrics.stage("store"):
-            self.store.delete(*paths)
+            with self.metrics.stage("store"), self.sessions() as session:
+                still_used = session.scalar(
+                    select(func.count()).select_from(Image).where(Image.content_hash == digest)
+                )
+                if not still_used:
+                    self.store.delete(*paths)
         logger.info("image %d deleted", image_id)
         return True
 

@@ -10,14 +10,24 @@ it (``store_originals``).
 Writes go to a temporary file in the target folder and are renamed into place, so a crash
 never leaves half a PNG under a final name; the same bytes always map to the same names,
 so an interrupted ingest that is run again simply overwrites them.
+
+Because the same bytes map to the same names, a delete and a re-upload of those bytes
+touch the same files. :meth:`ImageStore.lock` serialises them per content hash, across
+threads and processes (``flock`` on a lock file per hash prefix): the upload holds it from
+writing its files to committing its row, the delete from committing the removal to
+removing the files, and the orphan sweep while it checks and removes. So a delete can never
+remove the files of a row that a re-upload committed meanwhile.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -33,6 +43,7 @@ logger = logging.getLogger(__name__)
 IMAGES_DIR: Final = "images"
 THUMBNAILS_DIR: Final = "thumbnails"
 ORIGINALS_DIR: Final = "originals"
+LOCKS_DIR: Final = "locks"
 
 #: Suffix of a kept original, by ``ImageMeta.source_format``.
 _ORIGINAL_SUFFIX: Final[dict[str, str]] = {"dicom": ".dcm", "png": ".png", "jpeg": ".jpg"}
@@ -94,6 +105,23 @@ class ImageStore:
         self.root = root
         self.thumbnail_size = thumbnail_size
         self.store_originals = store_originals
+
+    @contextmanager
+    def lock(self, content_hashes: Iterable[str]) -> Iterator[None]:
+        """Hold the write locks of these content hashes (see the module docstring).
+
+        One lock per two-character prefix, taken in sorted order so that two holders of
+        overlapping sets never wait on each other in a cycle. ``flock`` locks belong to the
+        open file, so threads of one process exclude each other as processes do.
+        """
+        stripes = sorted({h[:2] for h in content_hashes})
+        folder = self.root / LOCKS_DIR
+        with ExitStack() as stack:
+            for stripe in stripes:
+                folder.mkdir(parents=True, exist_ok=True)
+                handle = stack.enter_context(open(folder / f"{stripe}.lock", "a+b"))
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            yield
 
     def _relative(self, folder: str, content_hash: str, suffix: str) -> str:
         # Two-character fan-out keeps any one folder small at millions of images.
