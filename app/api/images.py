@@ -98,7 +98,7 @@ def _all_failed(results: list[UploadResult]) -> ProblemError:
         "per file, in order: ``created``, ``existing`` (the same bytes were uploaded "
         "before; its id is returned, nothing is duplicated) or ``failed`` with the problem."
     ),
-    responses=problem_responses(401, 413, 415, 422, 503),
+    responses=problem_responses(401, 413, 415, 422, 503, 507),
 )
 async def upload_images(
     request: Request,

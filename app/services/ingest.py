@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import Embedding, Image
@@ -188,6 +188,12 @@ class IngestService:
                     results = [
                         self._commit_one(it, vectors[i], files[i]) for i, it in enumerate(items)
                     ]
+                except DBAPIError as exc:
+                    if exc.connection_invalidated:
+                        # The connection died during the commit, which may or may not have
+                        # landed: only a rebuild from the database can tell the index.
+                        self.index.mark_stale("the database connection was lost in a commit")
+                    raise
                 created = [i for i, r in enumerate(results) if r.status == "created"]
                 if created:
                     ids = np.asarray([results[i].image_id for i in created], np.int64)  # (M,)
