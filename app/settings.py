@@ -105,6 +105,18 @@ class Settings(BaseSettings):
     encode_concurrency: int = Field(
         default=2, ge=1, le=64, description="model inferences running at the same time"
     )
+    decode_pixel_budget: int = Field(
+        default=32 * _MIB,
+        gt=0,
+        description="decoded pixels held at once across all requests (about 10 bytes each); "
+        "an image above it is refused",
+    )
+    decode_wait_s: float = Field(
+        default=10.0,
+        ge=0.0,
+        le=600.0,
+        description="how long an image request waits for the pixel budget before 503 busy",
+    )
     store_originals: bool = Field(
         default=False,
         description="also keep the uploaded file (a DICOM may carry patient identifiers)",

@@ -173,7 +173,7 @@ async def upload_images(
         for i, upload in enumerate(files)
     ]
     # Decoding and encoding are CPU-bound: off the event loop, on the inference threads.
-    outcomes = await runtime.infer(runtime.ingest.ingest, items)
+    outcomes = await runtime.infer_image(runtime.ingest.ingest, items)
     results = [_result(i, outcome) for i, outcome in enumerate(outcomes)]
     counts = {s: sum(r.status == s for r in results) for s in ("created", "existing", "failed")}
     logger.info("upload of %d files: %s", n_files, counts)

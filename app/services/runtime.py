@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import create_engine_for, ping, session_factory, upgrade_database
 from app.models import Image
+from app.services.budget import BusyError, PixelBudget
 from app.services.ingest import IngestService
 from app.services.live_index import LiveIndex
 from app.services.metrics import Metrics
@@ -88,7 +89,11 @@ class Runtime:
             metrics=metrics,
             max_image_pixels=settings.max_image_pixels,
             max_aspect_ratio=settings.max_aspect_ratio,
+            budget=PixelBudget(settings.decode_pixel_budget, wait_s=settings.decode_wait_s),
         )
+        # Image work (decode, embed, store) may take all inference threads but one, so a
+        # burst of large uploads never queues the text searches behind it.
+        self._image_lane = asyncio.Semaphore(max(1, settings.encode_concurrency - 1))
         self.retrieval = RetrievalService(
             sessions=sessions, index=index, metrics=metrics, model_id=bundle.model_id
         )
@@ -234,6 +239,18 @@ class Runtime:
         thread, off the event loop; waits for a free thread when all are busy."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.inference, functools.partial(fn, *args, **kwargs))
+
+    async def infer_image(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """:meth:`infer` for work that decodes images: within the image lane, waiting for
+        it at most ``decode_wait_s`` seconds (then :class:`BusyError`, 503 ``busy``)."""
+        try:
+            await asyncio.wait_for(self._image_lane.acquire(), self.settings.decode_wait_s)
+        except TimeoutError:
+            raise BusyError("the service is busy with other images; retry shortly") from None
+        try:
+            return await self.infer(fn, *args, **kwargs)
+        finally:
+            self._image_lane.release()
 
     def close(self) -> None:
         """Finish running inferences, save unsaved index changes, release the database."""
