@@ -117,6 +117,14 @@ class Settings(BaseSettings):
         le=600.0,
         description="how long an image request waits for the pixel budget before 503 busy",
     )
+    orphan_grace_s: float = Field(
+        default=900.0,
+        ge=0.0,
+        description="age below which a stored file with no row is spared by the sweep",
+    )
+    orphan_sweep_interval_s: float = Field(
+        default=3600.0, gt=0.0, description="seconds between orphan sweeps (also at start-up)"
+    )
     store_originals: bool = Field(
         default=False,
         description="also keep the uploaded file (a DICOM may carry patient identifiers)",

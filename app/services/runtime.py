@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from app.services.reconcile import (
 )
 from app.services.retrieval import RetrievalService
 from app.services.store import ImageStore
+from app.services.sweep import SweepReport, sweep_orphans
 from app.settings import Settings
 from model.bundle import EncoderBundle
 
@@ -94,6 +96,7 @@ class Runtime:
         # Image work (decode, embed, store) may take all inference threads but one, so a
         # burst of large uploads never queues the text searches behind it.
         self._image_lane = asyncio.Semaphore(max(1, settings.encode_concurrency - 1))
+        self._last_sweep: float | None = None
         self.retrieval = RetrievalService(
             sessions=sessions, index=index, metrics=metrics, model_id=bundle.model_id
         )
@@ -176,11 +179,27 @@ class Runtime:
                 logger.info("index rebuilt: %s", reason)
 
     def maintain(self) -> None:
-        """Periodic duty: rebuild a stale index, else save unsaved changes."""
-        if self.index.stale_reason is not None:
-            self.rebuild_index()
-        else:
-            self.index.save_if_dirty()
+        """Periodic duty: rebuild a stale index, else save unsaved changes; sweep orphans
+        at the first round after start-up and every ``orphan_sweep_interval_s`` after."""
+        now = time.monotonic()
+        due = self._last_sweep is None or (
+            now - self._last_sweep >= self.settings.orphan_sweep_interval_s
+        )
+        try:
+            if self.index.stale_reason is not None:
+                self.rebuild_index()
+            else:
+                self.index.save_if_dirty()
+        finally:
+            # Also when saving failed: on a full disk the sweep is what frees space.
+            if due:
+                self._last_sweep = now
+                self.sweep_orphans()
+
+    def sweep_orphans(self) -> SweepReport:
+        """Remove stored files that no row refers to (see :mod:`app.services.sweep`)."""
+        with self.metrics.stage("store"):
+            return sweep_orphans(self.sessions, self.store, grace_s=self.settings.orphan_grace_s)
 
     def readiness(self) -> Readiness:
         """Database reachable and index holding exactly the model's stored embeddings."""
