@@ -45,6 +45,8 @@ class LiveIndex:
         self._dirty = False
         self._stale_reason: str | None = None
         self.last_saved: float | None = None
+        #: Why the last save failed (e.g. the disk is full), or None after a good one.
+        self.save_error: str | None = None
 
     @property
     def ntotal(self) -> int:
@@ -123,6 +125,11 @@ class LiveIndex:
             return False
         return True
 
+    def mark_unsaved(self, reason: str) -> None:
+        """The index in memory has no saved copy (its save failed): keep retrying it."""
+        self._dirty = True
+        self.save_error = reason
+
     def replace(self, index: VectorIndex, *, saved: bool) -> None:
         """Swap in a rebuilt index; it is consistent with the database it was built from."""
         with self._save_mutex:
@@ -142,10 +149,12 @@ class LiveIndex:
             self._dirty = False
             try:
                 self._index.save(self.directory)
-            except BaseException:
+            except BaseException as exc:
                 self._dirty = True
+                self.save_error = f"{type(exc).__name__}: {exc}"
                 raise
             self.last_saved = time.monotonic()
+            self.save_error = None
         logger.debug("index saved to %s", self.directory)
 
     def save_if_dirty(self) -> bool:

@@ -58,6 +58,7 @@ class Readiness:
     detail: str | None = None
     images: int = 0
     vectors: int = 0
+    notes: tuple[str, ...] = ()
 
 
 class Runtime:
@@ -149,13 +150,16 @@ class Runtime:
         except BaseException:
             engine.dispose()
             raise
+        live = LiveIndex(vindex, settings.index_dir)
+        if report.save_error is not None:
+            live.mark_unsaved(report.save_error)
         return cls(
             settings=settings,
             engine=engine,
             sessions=sessions,
             bundle=bundle,
             store=store,
-            index=LiveIndex(vindex, settings.index_dir),
+            index=live,
             metrics=metrics or Metrics(),
             report=report,
         )
@@ -165,7 +169,7 @@ class Runtime:
     def rebuild_index(self) -> None:
         """Rebuild the index from the database with no change in flight, and save it."""
         with self.index.exclusive():
-            vindex, reason = open_index(
+            vindex, reason, save_error = open_index(
                 self.sessions,
                 index_dir=self.settings.index_dir,
                 model_id=self.bundle.model_id,
@@ -174,7 +178,9 @@ class Runtime:
             )
             # Either the saved copy agrees with the database (reason None) or open_index
             # rebuilt and saved a new one: both are on disk as they are live.
-            self.index.replace(vindex, saved=True)
+            self.index.replace(vindex, saved=save_error is None)
+            if save_error is not None:
+                self.index.mark_unsaved(save_error)
             if reason is not None:
                 logger.info("index rebuilt: %s", reason)
 
@@ -190,6 +196,9 @@ class Runtime:
                 self.rebuild_index()
             else:
                 self.index.save_if_dirty()
+        except OSError as exc:
+            # A full disk: the index goes on serving from memory; retried next round.
+            logger.warning("index not saved (%s); retrying", exc.strerror or exc)
         finally:
             # Also when saving failed: on a full disk the sweep is what frees space.
             if due:
@@ -221,7 +230,11 @@ class Runtime:
                 images,
                 vectors,
             )
-        return Readiness(True, images=images, vectors=vectors)
+        notes: tuple[str, ...] = ()
+        if self.index.save_error is not None:
+            failure = self.index.save_error
+            notes = (f"the index is served from memory; saving it failed ({failure})",)
+        return Readiness(True, images=images, vectors=vectors, notes=notes)
 
     def delete_image(self, image_id: int) -> bool:
         """Delete an image: database (committed) first, then the index, then the files.
@@ -276,6 +289,10 @@ class Runtime:
         try:
             self.inference.shutdown(wait=True)
             if self.index.stale_reason is None:
-                self.index.save_if_dirty()
+                try:
+                    self.index.save_if_dirty()
+                except OSError as exc:
+                    # Nothing is lost: the next start-up rebuilds it from the database.
+                    logger.warning("index not saved at shutdown: %s", exc.strerror or exc)
         finally:
             self.engine.dispose()

@@ -7,6 +7,7 @@ the fault has passed.
 from __future__ import annotations
 
 import errno
+import shutil
 import sqlite3
 import threading
 import time
@@ -23,6 +24,7 @@ from app.api.problems import fault_problem
 from app.models import Image
 from app.services.runtime import Runtime
 from app.services.store import ImageStore
+from index import VectorIndex
 from model.bundle import EncoderBundle
 from tests.app.conftest import throwaway_cluster
 from tests.app.service_support import (
@@ -165,3 +167,35 @@ def test_postgres_stopped_and_restarted_under_uploads(
             stored = {r.json()["results"][0]["id"] for r in seen if r.status_code == 201}
             for image_id in stored:
                 assert client.get(f"/images/{image_id}").status_code == 200
+
+
+def test_a_restart_on_a_full_disk_serves_the_rebuilt_index_and_saves_it_later(
+    tmp_path: Path,
+    database_url: str,
+    bundle_dir: Path,
+    bundle: EncoderBundle,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = make_settings(tmp_path / "data", database_url, bundle_dir)
+    with running_app(settings, bundle) as client:
+        created = upload(client, [noise_png(seed) for seed in range(3)]).json()["results"]
+    ids = sorted(r["id"] for r in created)
+    shutil.rmtree(settings.index_dir)  # lost: the start-up must rebuild it and save it
+    real_save = VectorIndex.save
+
+    def disk_full(self: VectorIndex, directory: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(VectorIndex, "save", disk_full)
+    with running_app(settings, bundle) as client:
+        ready = client.get("/ready")
+        assert ready.status_code == 200, ready.text
+        assert "No space left on device" in " ".join(ready.json()["notes"])
+        found = client.post("/search/text", json={"query": "consolidation", "k": 5})
+        assert found.status_code == 200
+        assert sorted(hit["image_id"] for hit in found.json()["hits"]) == ids
+
+        monkeypatch.setattr(VectorIndex, "save", real_save)  # space is freed
+        _wait_for(lambda: client.get("/ready").json()["notes"] == [], "the retried save")
+    saved = VectorIndex.load(settings.index_dir, expected_model_id=bundle.model_id)
+    assert saved.ids().tolist() == ids
