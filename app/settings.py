@@ -106,7 +106,7 @@ class Settings(BaseSettings):
         default=2, ge=1, le=64, description="model inferences running at the same time"
     )
     decode_pixel_budget: int = Field(
-        default=32 * _MIB,
+        default=24 * _MIB,
         gt=0,
         description="decoded pixels held at once across all requests (about 10 bytes each); "
         "an image above it is refused",

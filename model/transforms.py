@@ -58,6 +58,8 @@ def _check_image(image: np.ndarray) -> np.ndarray:
         raise InvalidImageError("image contains NaN or infinite values")
     if low < -_RANGE_TOLERANCE or high > 1.0 + _RANGE_TOLERANCE:
         raise InvalidImageError(f"image values span [{low:.4g}, {high:.4g}], expected [0, 1]")
+    if low >= 0.0 and high <= 1.0:
+        return array  # already in range: no copy of a possibly large image
     return np.clip(array, 0.0, 1.0)
 
 

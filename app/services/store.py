@@ -70,10 +70,11 @@ def quantize(pixels: npt.NDArray[np.floating], bits: int) -> npt.NDArray[np.uint
     The service embeds the de-quantised result (see :func:`dequantize`), not the float
     array, so that re-embedding from the stored PNG later reproduces the same vector.
     """
-    clipped = np.clip(pixels, 0.0, 1.0)  # (H, W)
-    if bits <= 8:
-        return np.rint(clipped * 255.0).astype(np.uint8)  # (H, W)
-    return np.rint(clipped * 65535.0).astype(np.uint16)  # (H, W)
+    # One float copy, worked on in place: a large image must not cost several temporaries.
+    scaled = np.clip(pixels, 0.0, 1.0).astype(np.float32, copy=False)  # (H, W)
+    scaled *= np.float32(255.0 if bits <= 8 else 65535.0)
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.uint8 if bits <= 8 else np.uint16)  # (H, W)
 
 
 def dequantize(levels: npt.NDArray[np.integer]) -> npt.NDArray[np.float32]:
