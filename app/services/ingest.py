@@ -268,16 +268,21 @@ class IngestService:
     def pixel_cost(self, data: bytes) -> int:
         """Pixels to reserve before decoding ``data``, from its header.
 
-        Bytes that are no image at all, or announce more than ``max_image_pixels``, are
-        refused from the header without allocating anything: they cost nothing. A
-        recognised image whose header cannot be read is charged the largest size allowed.
+        Bytes that are no image at all, or announce more than ``max_image_pixels`` or an
+        aspect ratio beyond ``max_aspect_ratio``, are refused from the header without
+        allocating anything: they cost nothing. A recognised image whose header cannot be
+        read is charged the largest size allowed.
         """
         size = peek_size(data)
         if size is None:
             if sniff_format(data) is None:
                 return 0
             return min(self.max_image_pixels, self.budget.total)
-        pixels = size[0] * size[1]
+        width, height = size
+        ratio = self.max_aspect_ratio
+        if ratio is not None and max(width, height) > ratio * min(width, height):
+            return 0
+        pixels = width * height
         return pixels if pixels <= self.max_image_pixels else 0
 
     def check_cost(self, pixels: int) -> None:
