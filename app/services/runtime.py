@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,9 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
+#: How much lower the CPU priority (nice) of the image threads is than the process's.
+IMAGE_WORK_NICE: Final = 5
+
 #: Readiness outcomes that are not "ready", with their problem codes.
 NOT_READY_DATABASE: Final = "database_unavailable"
 NOT_READY_INDEX: Final = "index_inconsistent"
@@ -61,8 +65,22 @@ class Readiness:
     notes: tuple[str, ...] = ()
 
 
+def _lower_thread_priority() -> None:
+    """Raise the calling thread's nice value by :data:`IMAGE_WORK_NICE` (Linux: per thread)."""
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + IMAGE_WORK_NICE)
+    except (OSError, AttributeError) as exc:  # not Linux, or not permitted: same priority
+        logger.debug("image threads keep the normal priority: %s", exc)
+
+
 class Runtime:
     """Everything a request needs; one per app (or per command)."""
+
+    @property
+    def _image_threads(self) -> int:
+        # All but one of the inference threads' worth: text searches always keep one.
+        return max(1, self.settings.encode_concurrency - 1)
 
     def __init__(
         self,
@@ -94,9 +112,8 @@ class Runtime:
             max_aspect_ratio=settings.max_aspect_ratio,
             budget=PixelBudget(settings.decode_pixel_budget, wait_s=settings.decode_wait_s),
         )
-        # Image work (decode, embed, store) may take all inference threads but one, so a
-        # burst of large uploads never queues the text searches behind it.
-        self._image_lane = asyncio.Semaphore(max(1, settings.encode_concurrency - 1))
+        # At most this many image jobs run at once; more wait (a bounded time) for a turn.
+        self._image_lane = asyncio.Semaphore(self._image_threads)
         self._last_sweep: float | None = None
         self.retrieval = RetrievalService(
             sessions=sessions, index=index, metrics=metrics, model_id=bundle.model_id
@@ -108,6 +125,14 @@ class Runtime:
         # per worker of a general-purpose pool (oversubscribing the cores).
         self.inference = ThreadPoolExecutor(
             max_workers=settings.encode_concurrency, thread_name_prefix="convirt-inference"
+        )
+        # Image work (decode, embed, store: seconds for a large upload) has threads of its
+        # own at a lower CPU priority, which their OpenMP teams inherit: on a busy machine
+        # the text searches on the threads above are scheduled first.
+        self.image_inference = ThreadPoolExecutor(
+            max_workers=self._image_threads,
+            thread_name_prefix="convirt-image",
+            initializer=_lower_thread_priority,
         )
 
     @classmethod
@@ -273,14 +298,16 @@ class Runtime:
         return await loop.run_in_executor(self.inference, functools.partial(fn, *args, **kwargs))
 
     async def infer_image(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """:meth:`infer` for work that decodes images: within the image lane, waiting for
-        it at most ``decode_wait_s`` seconds (then :class:`BusyError`, 503 ``busy``)."""
+        """:meth:`infer` for work that decodes images: on the image threads, waiting for one
+        at most ``decode_wait_s`` seconds (then :class:`BusyError`, 503 ``busy``)."""
         try:
             await asyncio.wait_for(self._image_lane.acquire(), self.settings.decode_wait_s)
         except TimeoutError:
             raise BusyError("the service is busy with other images; retry shortly") from None
         try:
-            return await self.infer(fn, *args, **kwargs)
+            loop = asyncio.get_running_loop()
+            call = functools.partial(fn, *args, **kwargs)
+            return await loop.run_in_executor(self.image_inference, call)
         finally:
             self._image_lane.release()
 
@@ -288,6 +315,7 @@ class Runtime:
         """Finish running inferences, save unsaved index changes, release the database."""
         try:
             self.inference.shutdown(wait=True)
+            self.image_inference.shutdown(wait=True)
             if self.index.stale_reason is None:
                 try:
                     self.index.save_if_dirty()

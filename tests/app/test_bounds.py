@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.services.budget import BusyError, PixelBudget
+from app.services.runtime import IMAGE_WORK_NICE
 from model.bundle import EncoderBundle
 from tests.app.service_support import (
     assert_consistent,
@@ -163,3 +165,29 @@ def test_the_budget_serves_waiters_in_order_and_times_out() -> None:
     tight = PixelBudget(4, wait_s=0.05)
     with tight.reserve(4), pytest.raises(BusyError), tight.reserve(1):
         pass
+
+
+def test_image_work_runs_below_the_priority_of_text_searches(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = runtime_of(client)
+    nice: dict[str, int] = {}
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    real_encode, real_texts = runtime.ingest.encode, runtime.bundle.encode_texts
+
+    def encode_images(items: Any) -> Any:
+        nice["image"] = priority()
+        return real_encode(items)
+
+    def encode_texts(texts: Any) -> Any:
+        nice["text"] = priority()
+        return real_texts(texts)
+
+    monkeypatch.setattr(runtime.ingest, "encode", encode_images)
+    monkeypatch.setattr(runtime.bundle, "encode_texts", encode_texts)
+    assert upload(client, [noise_png(5)]).status_code == 201
+    assert client.post("/search/text", json={"query": "effusion", "k": 1}).status_code == 200
+    assert nice["image"] == nice["text"] + IMAGE_WORK_NICE

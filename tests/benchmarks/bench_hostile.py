@@ -18,10 +18,11 @@ The memory-hostile inputs:
 Phases: text-search latency alone (quiet); each hostile request alone, one after the
 other, while one client keeps running text searches (RSS growth per request = peak during
 it minus the RSS just before); then each kind sent by 4 clients at once, each with bytes
-of its own so every upload is really decoded, again beside the text client (peak RSS). Reported against the goals: growth ≤ 300 MB per hostile request, peak
-≤ 1.5 GB with 4 at once, attack text p99 ≤ 3 × quiet p99, no 5xx. A 503 ``busy`` (the
-pixel budget or the image lane stayed full past ``CONVIRT_DECODE_WAIT_S``) is counted on
-its own, besides the other 5xx, since it is the documented answer to overload.
+of its own so every upload is really decoded, again beside the text client (peak RSS).
+Reported against the goals: growth ≤ 300 MB per hostile request, peak ≤ 1.5 GB with 4 at
+once, attack text p99 ≤ 3 × quiet p99, no 5xx. A 503 ``busy`` (the pixel budget or the
+image threads stayed taken past ``CONVIRT_DECODE_WAIT_S``) is counted on its own, besides
+the other 5xx, since it is the documented answer to overload.
 """
 
 from __future__ import annotations
@@ -328,6 +329,18 @@ def four_at_once(copies: list[list[Request]], sampler: RssSampler, tally: Tally)
     }
 
 
+def _copy_data(source: Path, target: Path) -> Path:
+    """Copy what the service reads of a data directory; the original is never written."""
+    for name in ("bundle", "images", "thumbnails", "index", "convirt.db"):
+        path = source / name
+        if path.is_dir():
+            shutil.copytree(path, target / name)
+        elif path.is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target / name)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="data dir to copy")
@@ -341,14 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = Settings(data_dir=Path(tempfile.gettempdir()))
     pixel_limit, budget = defaults.max_image_pixels, defaults.decode_pixel_budget
     with tempfile.TemporaryDirectory(prefix="bench-hostile-") as tmp:
-        data_dir = Path(tmp) / "data"
-        for name in ("bundle", "images", "thumbnails", "index", "convirt.db"):
-            source = args.data / name
-            if source.is_dir():
-                shutil.copytree(source, data_dir / name)
-            elif source.is_file():
-                data_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source, data_dir / name)
+        data_dir = _copy_data(args.data, Path(tmp) / "data")
         process, base = start_server(data_dir, Path(tmp) / "serve.log")
         sampler = RssSampler(process.pid)
         sampler.start()
