@@ -138,6 +138,7 @@ class LiveIndex:
             self._stale_reason = None
             if saved:
                 self.last_saved = time.monotonic()
+                self.save_error = None
 
     def save(self) -> None:
         """Write the index atomically to its directory; searches go on meanwhile.

@@ -163,6 +163,7 @@ class Runtime:
                 thumbnail_size=settings.thumbnail_size,
                 store_originals=settings.store_originals,
             )
+            store.prepare_locks()
             vindex, report = reconcile(
                 sessions,
                 bundle,

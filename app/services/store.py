@@ -107,6 +107,17 @@ class ImageStore:
         self.thumbnail_size = thumbnail_size
         self.store_originals = store_originals
 
+    def prepare_locks(self) -> None:
+        """Create every lock file up front (best effort), so that a delete on a disk that
+        has since filled up never needs to create one."""
+        folder = self.root / LOCKS_DIR
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for stripe in range(256):
+                (folder / f"{stripe:02x}.lock").touch(exist_ok=True)
+        except OSError as exc:
+            logger.warning("lock files not prepared: %s", exc.strerror or exc)
+
     @contextmanager
     def lock(self, content_hashes: Iterable[str]) -> Iterator[None]:
         """Hold the write locks of these content hashes (see the module docstring).
