@@ -202,6 +202,8 @@ class Image(TimestampMixin, Base):
     __table_args__ = (
         CheckConstraint("width > 0 AND height > 0", name="positive_size"),
         CheckConstraint("length(content_hash) = 64", name="content_hash_length"),
+        # SQLite would otherwise hand the id of a deleted newest row to the next one.
+        {"sqlite_autoincrement": True},
     )
 
 
@@ -286,6 +288,7 @@ class EvaluationRun(Base):
             name="known_status",
         ),
         CheckConstraint("progress >= 0 AND progress <= 1", name="progress_range"),
+        {"sqlite_autoincrement": True},
     )
 
 

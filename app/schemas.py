@@ -137,3 +137,7 @@ class ReadyPublic(BaseModel):
     model_id: str
     images: int
     index_vectors: int
+    notes: list[str] = Field(
+        default_factory=list,
+        description="conditions that do not stop serving, e.g. an index not yet saved to disk",
+    )

@@ -95,10 +95,35 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=8192 * 8192, gt=0, description="width × height above which a decode is refused"
     )
+    max_aspect_ratio: float = Field(
+        default=4.0,
+        ge=1.0,
+        description="longer side over shorter side above which an image is refused (422)",
+    )
     max_query_chars: int = Field(default=1000, gt=0, description="longest text query")
     k_max: int = Field(default=1000, ge=1, description="most hits one search may ask for")
     encode_concurrency: int = Field(
         default=2, ge=1, le=64, description="model inferences running at the same time"
+    )
+    decode_pixel_budget: int = Field(
+        default=24 * _MIB,
+        gt=0,
+        description="decoded pixels held at once across all requests (about 10 bytes each); "
+        "an image above it is refused",
+    )
+    decode_wait_s: float = Field(
+        default=10.0,
+        ge=0.0,
+        le=600.0,
+        description="how long an image request waits for the pixel budget before 503 busy",
+    )
+    orphan_grace_s: float = Field(
+        default=900.0,
+        ge=0.0,
+        description="age below which a stored file with no row is spared by the sweep",
+    )
+    orphan_sweep_interval_s: float = Field(
+        default=3600.0, gt=0.0, description="seconds between orphan sweeps (also at start-up)"
     )
     store_originals: bool = Field(
         default=False,

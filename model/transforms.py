@@ -58,6 +58,8 @@ def _check_image(image: np.ndarray) -> np.ndarray:
         raise InvalidImageError("image contains NaN or infinite values")
     if low < -_RANGE_TOLERANCE or high > 1.0 + _RANGE_TOLERANCE:
         raise InvalidImageError(f"image values span [{low:.4g}, {high:.4g}], expected [0, 1]")
+    if low >= 0.0 and high <= 1.0:
+        return array  # already in range: no copy of a possibly large image
     return np.clip(array, 0.0, 1.0)
 
 
@@ -86,18 +88,27 @@ def _pil(image: np.ndarray) -> Image.Image:
 
 
 def _resize_shorter_and_centre_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray:
-    """(H, W) → shorter side ``resize`` (aspect kept) → centre (size, size) crop."""
+    """(H, W) → shorter side ``resize`` (aspect kept) → centre (size, size) crop.
+
+    Only the source region under the final crop is resampled (Pillow's ``box``), straight
+    to (size, size): the full resize of a 1 × N image would be ``resize`` × ``resize``·N
+    floats (gigabytes for a few kilobytes of PNG), whereas this costs size² whatever the
+    aspect ratio. The sampling positions and filter support are those of the full resize,
+    so the result is the same crop up to float rounding.
+    """
     height, width = image.shape
     if height <= width:
         new_h, new_w = resize, max(resize, round(width * resize / height))
     else:
         new_h, new_w = max(resize, round(height * resize / width)), resize
-    if (new_h, new_w) != (height, width):
-        resized = _pil(image).resize((new_w, new_h), Image.Resampling.BILINEAR)
-        image = np.asarray(resized, dtype=np.float32)
     top = (new_h - size) // 2
     left = (new_w - size) // 2
-    return image[top : top + size, left : left + size]
+    if (new_h, new_w) == (height, width):
+        return image[top : top + size, left : left + size]
+    scale_x, scale_y = width / new_w, height / new_h  # source pixels per resized pixel
+    box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
+    resized = _pil(image).resize((size, size), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(resized, dtype=np.float32)  # (size, size)
 
 
 class EvalTransform:

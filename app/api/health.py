@@ -44,6 +44,7 @@ async def ready(request: Request) -> ReadyPublic:
         model_id=runtime.bundle.model_id,
         images=state.images,
         index_vectors=state.vectors,
+        notes=list(state.notes),
     )
 
 

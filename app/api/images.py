@@ -93,7 +93,7 @@ def _all_failed(results: list[UploadResult]) -> ProblemError:
         "per file, in order: ``created``, ``existing`` (the same bytes were uploaded "
         "before; its id is returned, nothing is duplicated) or ``failed`` with the problem."
     ),
-    responses=problem_responses(401, 413, 415, 422, 503),
+    responses=problem_responses(401, 413, 415, 422, 503, 507),
 )
 async def upload_images(
     request: Request,
@@ -168,7 +168,7 @@ async def upload_images(
         for i, upload in enumerate(files)
     ]
     # Decoding and encoding are CPU-bound: off the event loop, on the inference threads.
-    outcomes = await runtime.infer(runtime.ingest.ingest, items)
+    outcomes = await runtime.infer_image(runtime.ingest.ingest, items)
     results = [_result(i, outcome) for i, outcome in enumerate(outcomes)]
     counts = {s: sum(r.status == s for r in results) for s in ("created", "existing", "failed")}
     logger.info("upload of %d files: %s", n_files, counts)

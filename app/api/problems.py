@@ -17,6 +17,8 @@ How exceptions become problems (:func:`install_problem_handlers`):
     ``corrupt_image``, ``no_pixel_data``, ``multi_frame``, ``color_dicom``,
     ``unsupported_transfer_syntax``. A DICOM in a transfer syntax no decoder handles is
     still a DICOM, the media type the client declared is right: 422, not 415.
+  * **422** for ``aspect_ratio_out_of_range``: one side is more than
+    ``max_aspect_ratio`` times the other; such a strip is no radiograph.
   * **422** for ``image_too_large``: the pixel count exceeds the limit. 413 is kept for
     request bodies over the upload byte limit (``payload_too_large``); a small compressed
     file that decodes to a huge image is a property of its content, not of the request size.
@@ -34,12 +36,17 @@ How exceptions become problems (:func:`install_problem_handlers`):
 - ``RequestValidationError`` → 422 ``validation_error`` with the field errors.
 - ``HTTPException`` (routing 404/405 included) → its status, with the code from
   :data:`HTTP_STATUS_CODES` and its headers kept (``Allow``, ``WWW-Authenticate``…).
+- Faults of the machine, not of the request (:func:`fault_problem`): a database that
+  cannot be reached or lost the connection → 503 ``database_unavailable`` with
+  ``Retry-After``; a full disk (``ENOSPC``/``EDQUOT`` from a file write, SQLite's "database
+  or disk is full", PostgreSQL's SQLSTATE 53100) → 507 ``insufficient_storage``.
 - Anything else → 500 ``internal_error``: logged with a reference, and only that reference
   goes back to the client, never the message or a traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import uuid
@@ -50,6 +57,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -74,6 +82,7 @@ MODEL_ERROR_STATUS: Mapping[str, int] = {
     "color_dicom": 422,
     "unsupported_transfer_syntax": 422,
     "image_too_large": 422,
+    "aspect_ratio_out_of_range": 422,
     # Text and files the client supplied.
     "invalid_report": 422,
     "invalid_manifest": 422,
@@ -117,7 +126,65 @@ HTTP_STATUS_CODES: Mapping[int, str] = {
     429: "too_many_requests",
     500: "internal_error",
     503: "service_unavailable",
+    507: "insufficient_storage",
 }
+
+#: Seconds a client is told to wait (``Retry-After``) before retrying after a database fault.
+DATABASE_RETRY_AFTER_S = 5
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_PG_DISK_FULL = "53100"
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, outermost first."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def fault_problem(exc: BaseException) -> ProblemError | None:
+    """The 503 or 507 problem when ``exc`` is a database outage or a full disk, else None.
+
+    These are states of the machine that pass, so the client is told so (and when to retry)
+    rather than given a 500. A SQLite "database is locked" past the busy timeout is a
+    503 too: retrying later is the right thing for the client to do.
+    """
+    for cause in _causes(exc):
+        if isinstance(cause, OSError) and cause.errno in _DISK_FULL_ERRNOS:
+            return _insufficient_storage()
+        if isinstance(cause, sa_exc.DBAPIError):
+            original = cause.orig
+            if getattr(original, "sqlstate", None) == _PG_DISK_FULL or (
+                "database or disk is full" in str(original)
+            ):
+                return _insufficient_storage()
+            if cause.connection_invalidated or isinstance(
+                cause, sa_exc.OperationalError | sa_exc.InterfaceError
+            ):
+                return _database_unavailable()
+        if isinstance(cause, sa_exc.DisconnectionError | sa_exc.TimeoutError):
+            return _database_unavailable()
+    return None
+
+
+def _database_unavailable() -> ProblemError:
+    return ProblemError(
+        503,
+        "database_unavailable",
+        "the database cannot be reached; retry shortly",
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+    )
+
+
+def _insufficient_storage() -> ProblemError:
+    return ProblemError(
+        507,
+        "insufficient_storage",
+        "the service's storage is full; deleting images still works",
+    )
 
 
 class Problem(BaseModel):
@@ -335,6 +402,12 @@ class _ProblemHandlers:
         )
 
     def other(self, request: Request | None, exc: BaseException) -> JSONResponse:
+        fault = fault_problem(exc)
+        if fault is not None:
+            path = request.url.path if request is not None else "?"
+            logger.warning("%d %s on %s: %s", fault.status, fault.code, path, type(exc).__name__)
+            instance = _instance(request) if request is not None else None
+            return problem_response(to_problem(fault, instance), fault.headers)
         index_code = _index_error_code(exc)
         if index_code is None:
             return _internal_error(request, exc)

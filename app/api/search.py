@@ -26,7 +26,6 @@ from app.schemas import (
     TextSearchCreate,
 )
 from app.security import require_api_key
-from app.services.ingest import IngestItem
 from app.services.retrieval import Filters, Hit
 from app.services.runtime import Runtime
 from app.settings import Settings
@@ -252,8 +251,7 @@ async def _search_by_upload(
         data = await read_upload(upload, settings.max_upload_bytes)
 
     def embed_and_search() -> list[Hit]:
-        decoded = runtime.ingest.decode(IngestItem(data=data))
-        vector = runtime.ingest.encode([decoded])[0]  # (D,)
+        vector = runtime.ingest.embed_query(data)  # (D,), within the decode pixel budget
         return runtime.retrieval.search(vector, k, filters=filters)
 
-    return k, await runtime.infer(embed_and_search)
+    return k, await runtime.infer_image(embed_and_search)

@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import (
@@ -43,16 +43,21 @@ from app.models import (
     Embedding,
     Image,
 )
+from app.services.budget import PixelBudget
 from app.services.live_index import LiveIndex
 from app.services.metrics import Metrics
 from app.services.store import ImageStore, StoredFiles, dequantize, quantize
 from model.bundle import EncoderBundle
 from model.errors import ModelError
-from model.inputs.decode import ImageMeta, decode_image
+from model.inputs.decode import ImageMeta, ImageTooLargeError, decode_image, peek_size, sniff_format
 
 logger = logging.getLogger(__name__)
 
 Outcome = Literal["created", "existing", "failed"]
+
+#: Most files decoded, embedded and stored together: a 64-file upload is processed in
+#: steps of this many, so it never holds every decoded image at once.
+INGEST_BATCH = 8
 
 
 def _clip(value: str | None, limit: int) -> str | None:
@@ -115,6 +120,9 @@ class IngestService:
         index: LiveIndex,
         metrics: Metrics,
         max_image_pixels: int,
+        max_aspect_ratio: float | None = None,
+        budget: PixelBudget | None = None,
+        batch_size: int = INGEST_BATCH,
     ) -> None:
         self.sessions = sessions
         self.bundle = bundle
@@ -122,6 +130,10 @@ class IngestService:
         self.index = index
         self.metrics = metrics
         self.max_image_pixels = max_image_pixels
+        self.max_aspect_ratio = max_aspect_ratio
+        # Without a budget of its own (a command, a test), one as large as any image.
+        self.budget = budget or PixelBudget(max_image_pixels, wait_s=float("inf"))
+        self.batch_size = batch_size
 
     # -- steps -------------------------------------------------------------------------
 
@@ -138,7 +150,11 @@ class IngestService:
     def decode(self, item: IngestItem, digest: str | None = None) -> DecodedItem:
         """Decode one item's bytes. Raises :class:`model.inputs.decode.ImageDecodeError`."""
         with self.metrics.stage("decode"):
-            decoded = decode_image(item.data, max_pixels=self.max_image_pixels)
+            decoded = decode_image(
+                item.data,
+                max_pixels=self.max_image_pixels,
+                max_aspect_ratio=self.max_aspect_ratio,
+            )
             levels = quantize(decoded.pixels, decoded.meta.bits)  # (H, W)
         return DecodedItem(item, digest or content_hash(item.data), levels, decoded.meta)
 
@@ -162,28 +178,39 @@ class IngestService:
             raise ValueError(f"{len(items)} items but {len(vectors)} vectors")
         if not items:
             return []
-        with self.metrics.stage("store"):
-            files = [
-                self.store.write(
-                    it.content_hash,
-                    it.levels,
-                    original=it.item.data,
-                    source_format=it.meta.source_format,
-                )
-                for it in items
-            ]
-        with self.index.change():
-            try:
-                results = self._commit_all(items, vectors, files)
-            except IntegrityError:
-                # Someone stored one of these hashes meanwhile: settle item by item.
-                logger.info("duplicate content hash in a batch of %d; one by one", len(items))
-                results = [self._commit_one(it, vectors[i], files[i]) for i, it in enumerate(items)]
-            created = [i for i, r in enumerate(results) if r.status == "created"]
-            if created:
-                ids = np.asarray([results[i].image_id for i in created], np.int64)  # (M,)
-                with self.metrics.stage("index"):
-                    self.index.add(ids, vectors[created].astype(np.float32))  # (M, D)
+        # The hashes' locks span writing the files and committing the rows, so that a delete
+        # of the same bytes cannot remove these files between the two.
+        with self.store.lock(it.content_hash for it in items):
+            with self.metrics.stage("store"):
+                files = [
+                    self.store.write(
+                        it.content_hash,
+                        it.levels,
+                        original=it.item.data,
+                        source_format=it.meta.source_format,
+                    )
+                    for it in items
+                ]
+            with self.index.change():
+                try:
+                    results = self._commit_all(items, vectors, files)
+                except IntegrityError:
+                    # Someone stored one of these hashes meanwhile: settle item by item.
+                    logger.info("duplicate content hash in a batch of %d; one by one", len(items))
+                    results = [
+                        self._commit_one(it, vectors[i], files[i]) for i, it in enumerate(items)
+                    ]
+                except DBAPIError as exc:
+                    if exc.connection_invalidated:
+                        # The connection died during the commit, which may or may not have
+                        # landed: only a rebuild from the database can tell the index.
+                        self.index.mark_stale("the database connection was lost in a commit")
+                    raise
+                created = [i for i, r in enumerate(results) if r.status == "created"]
+                if created:
+                    ids = np.asarray([results[i].image_id for i in created], np.int64)  # (M,)
+                    with self.metrics.stage("index"):
+                        self.index.add(ids, vectors[created].astype(np.float32))  # (M, D)
         for result in results:
             self.metrics.ingested.labels(result.status).inc()
         return results
@@ -240,9 +267,93 @@ class IngestService:
 
     # -- the whole pipeline ------------------------------------------------------------
 
+    def pixel_cost(self, data: bytes) -> int:
+        """Pixels to reserve before decoding ``data``, from its header.
+
+        Bytes that are no image at all, or announce more than ``max_image_pixels`` or an
+        aspect ratio beyond ``max_aspect_ratio``, are refused from the header without
+        allocating anything: they cost nothing. A recognised image whose header cannot be
+        read is charged the largest size allowed.
+        """
+        size = peek_size(data)
+        if size is None:
+            if sniff_format(data) is None:
+                return 0
+            return min(self.max_image_pixels, self.budget.total)
+        width, height = size
+        ratio = self.max_aspect_ratio
+        if ratio is not None and max(width, height) > ratio * min(width, height):
+            return 0
+        pixels = width * height
+        return pixels if pixels <= self.max_image_pixels else 0
+
+    def check_cost(self, pixels: int) -> None:
+        """Refuse an image that the whole pixel budget could never hold."""
+        if pixels > self.budget.total:
+            raise ImageTooLargeError(
+                f"image has {pixels} pixels, more than the {self.budget.total} this service "
+                "decodes at once (CONVIRT_DECODE_PIXEL_BUDGET)"
+            )
+
+    def embed_query(self, data: bytes) -> npt.NDArray[np.float32]:
+        """Decode and embed one query image within the pixel budget: (D,) float32."""
+        cost = self.pixel_cost(data)
+        self.check_cost(cost)
+        with self.budget.reserve(cost):
+            decoded = self.decode(IngestItem(data=data))
+            return self.encode([decoded])[0]  # (D,)
+
+    def _batches(self, positions: list[int], costs: dict[int, int]) -> list[list[int]]:
+        """Consecutive groups of at most ``batch_size`` items within the pixel budget."""
+        batches: list[list[int]] = []
+        current: list[int] = []
+        pixels = 0
+        for position in positions:
+            cost = costs[position]
+            if current and (len(current) >= self.batch_size or pixels + cost > self.budget.total):
+                batches.append(current)
+                current, pixels = [], 0
+            current.append(position)
+            pixels += cost
+        if current:
+            batches.append(current)
+        return batches
+
+    def _ingest_batch(
+        self,
+        positions: list[int],
+        items: Sequence[IngestItem],
+        hashes: list[str],
+        pixels: int,
+        results: list[IngestResult | None],
+    ) -> None:
+        """Decode, embed and store one batch, holding its pixels of the budget."""
+        with self.budget.reserve(pixels):
+            todo: list[tuple[int, DecodedItem]] = []
+            for position in positions:
+                try:
+                    todo.append((position, self.decode(items[position], hashes[position])))
+                except ModelError as exc:
+                    self._failed(position, hashes[position], exc, results)
+            decoded = [d for _, d in todo]
+            persisted = self.persist(decoded, self.encode(decoded))
+        for (position, _), result in zip(todo, persisted, strict=True):
+            results[position] = result
+
+    def _failed(
+        self, position: int, digest: str, exc: ModelError, results: list[IngestResult | None]
+    ) -> None:
+        logger.info("item %d not ingested: %s (%s)", position, exc.code, exc)
+        self.metrics.ingested.labels("failed").inc()
+        results[position] = IngestResult("failed", None, digest, exc)
+
     def ingest(self, items: Sequence[IngestItem]) -> list[IngestResult]:
         """Ingest a batch synchronously; one item's bad bytes do not fail the others.
 
+        Items are decoded, embedded and stored in groups of at most ``batch_size`` whose
+        pixels fit the budget, so memory stays bounded whatever the upload holds; a group
+        that cannot get its pixels in time raises :class:`~app.services.budget.BusyError`
+        (the groups before it are stored, and their bytes answer ``existing`` on a retry).
         Returns one result per item, in order. Within the batch, repeated bytes resolve to
         the first occurrence.
         """
@@ -250,24 +361,21 @@ class IngestService:
         hashes = [content_hash(it.data) for it in items]
         known = self.find_existing(hashes)
         first_of: dict[str, int] = {}
-        todo: list[tuple[int, DecodedItem]] = []
+        costs: dict[int, int] = {}
         for position, (item, digest) in enumerate(zip(items, hashes, strict=True)):
             if digest in known:
                 results[position] = IngestResult("existing", known[digest], digest)
-                continue
-            if digest in first_of:
-                continue
-            first_of[digest] = position
-            try:
-                todo.append((position, self.decode(item, digest)))
-            except ModelError as exc:
-                logger.info("item %d not ingested: %s (%s)", position, exc.code, exc)
-                self.metrics.ingested.labels("failed").inc()
-                results[position] = IngestResult("failed", None, digest, exc)
-        decoded = [d for _, d in todo]
-        persisted = self.persist(decoded, self.encode(decoded))
-        for (position, _), result in zip(todo, persisted, strict=True):
-            results[position] = result
+            elif digest not in first_of:
+                first_of[digest] = position
+                costs[position] = self.pixel_cost(item.data)
+                try:
+                    self.check_cost(costs[position])
+                except ModelError as exc:
+                    self._failed(position, digest, exc, results)
+                    del costs[position]
+        for batch in self._batches(sorted(costs), costs):
+            pixels = sum(costs[p] for p in batch)
+            self._ingest_batch(batch, items, hashes, pixels, results)
         for position, digest in enumerate(hashes):
             if results[position] is None:
                 # A repeat within the batch: the same outcome as its first occurrence.

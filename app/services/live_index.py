@@ -43,6 +43,8 @@ class LiveIndex:
         self._changes = ReadWriteLock()
         self._dirty = False
         self._stale_reason: str | None = None
+        #: Why the last save failed (e.g. the disk is full), or None after a good one.
+        self.save_error: str | None = None
 
     @property
     def ntotal(self) -> int:
@@ -117,12 +119,19 @@ class LiveIndex:
             return False
         return True
 
+    def mark_unsaved(self, reason: str) -> None:
+        """The index in memory has no saved copy (its save failed): keep retrying it."""
+        self._dirty = True
+        self.save_error = reason
+
     def replace(self, index: VectorIndex, *, saved: bool) -> None:
         """Swap in a rebuilt index; it is consistent with the database it was built from."""
         with self._save_mutex:
             self._index = index
             self._dirty = not saved
             self._stale_reason = None
+            if saved:
+                self.save_error = None
 
     def save(self) -> None:
         """Write the index atomically to its directory; searches go on meanwhile.
@@ -134,9 +143,11 @@ class LiveIndex:
             self._dirty = False
             try:
                 self._index.save(self.directory)
-            except BaseException:
+            except BaseException as exc:
                 self._dirty = True
+                self.save_error = f"{type(exc).__name__}: {exc}"
                 raise
+            self.save_error = None
         logger.debug("index saved to %s", self.directory)
 
     def save_if_dirty(self) -> bool:

@@ -49,6 +49,8 @@ class ReconcileReport:
     rebuilt: bool = False
     reason: str | None = None
     vectors: int = 0
+    #: Why the rebuilt index could not be saved (it is served from memory meanwhile).
+    save_error: str | None = None
 
 
 def register_model(sessions: sessionmaker[Session], bundle: EncoderBundle) -> bool:
@@ -230,10 +232,13 @@ def open_index(
     model_id: str,
     dim: int,
     factory: str,
-) -> tuple[VectorIndex, str | None]:
+) -> tuple[VectorIndex, str | None, str | None]:
     """Load the saved index if it mirrors the database, else rebuild and save it.
 
-    Returns the index and the reason it was rebuilt (None when the saved one was good).
+    Returns the index, the reason it was rebuilt (None when the saved one was good) and
+    why saving the rebuilt index failed (None when saved). A rebuilt index that cannot be
+    saved (``OSError``: a full disk) is returned all the same: the caller serves it and
+    retries the save.
     """
     reason: str | None
     try:
@@ -246,11 +251,18 @@ def open_index(
             logger.info(
                 "index at %s agrees with the database (%d vectors)", index_dir, index.ntotal
             )
-            return index, None
+            return index, None, None
     logger.warning("rebuilding the index from the database: %s", reason)
     index = rebuild_index(sessions, model_id=model_id, dim=dim, factory=factory)
-    index.save(index_dir)
-    return index, reason
+    try:
+        index.save(index_dir)
+    except OSError as exc:
+        # A full or read-only disk must not keep the service down: the rebuilt index
+        # serves from memory, and the service keeps retrying the save (the caller sees
+        # the reason and keeps the index marked unsaved).
+        logger.warning("the rebuilt index could not be saved (%s); serving it from memory", exc)
+        return index, reason, f"{type(exc).__name__}: {exc.strerror or exc}"
+    return index, reason, None
 
 
 def reconcile(
@@ -289,7 +301,7 @@ def reconcile(
         index.save(index_dir)
         report.rebuilt, report.reason = True, "re-embedded every image"
     else:
-        index, report.reason = open_index(
+        index, report.reason, report.save_error = open_index(
             sessions,
             index_dir=index_dir,
             model_id=bundle.model_id,

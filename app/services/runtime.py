@@ -12,6 +12,8 @@ import asyncio
 import functools
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import create_engine_for, ping, session_factory, upgrade_database
 from app.models import Image
+from app.services.budget import BusyError, PixelBudget
 from app.services.ingest import IngestService
 from app.services.live_index import LiveIndex
 from app.services.metrics import Metrics
@@ -35,6 +38,7 @@ from app.services.reconcile import (
 )
 from app.services.retrieval import RetrievalService
 from app.services.store import ImageStore
+from app.services.sweep import SweepReport, sweep_orphans
 from app.settings import Settings
 from model.bundle import EncoderBundle
 
@@ -42,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+#: How much lower the CPU priority (nice) of the image threads is than the process's.
+IMAGE_WORK_NICE: Final = 5
 
 #: Readiness outcomes that are not "ready", with their problem codes.
 NOT_READY_DATABASE: Final = "database_unavailable"
@@ -55,10 +62,25 @@ class Readiness:
     detail: str | None = None
     images: int = 0
     vectors: int = 0
+    notes: tuple[str, ...] = ()
+
+
+def _lower_thread_priority() -> None:
+    """Raise the calling thread's nice value by :data:`IMAGE_WORK_NICE` (Linux: per thread)."""
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + IMAGE_WORK_NICE)
+    except (OSError, AttributeError) as exc:  # not Linux, or not permitted: same priority
+        logger.debug("image threads keep the normal priority: %s", exc)
 
 
 class Runtime:
     """Everything a request needs; one per app (or per command)."""
+
+    @property
+    def _image_threads(self) -> int:
+        # All but one of the inference threads' worth: text searches always keep one.
+        return max(1, self.settings.encode_concurrency - 1)
 
     def __init__(
         self,
@@ -87,7 +109,12 @@ class Runtime:
             index=index,
             metrics=metrics,
             max_image_pixels=settings.max_image_pixels,
+            max_aspect_ratio=settings.max_aspect_ratio,
+            budget=PixelBudget(settings.decode_pixel_budget, wait_s=settings.decode_wait_s),
         )
+        # At most this many image jobs run at once; more wait (a bounded time) for a turn.
+        self._image_lane = asyncio.Semaphore(self._image_threads)
+        self._last_sweep: float | None = None
         self.retrieval = RetrievalService(
             sessions=sessions, index=index, metrics=metrics, model_id=bundle.model_id
         )
@@ -98,6 +125,14 @@ class Runtime:
         # per worker of a general-purpose pool (oversubscribing the cores).
         self.inference = ThreadPoolExecutor(
             max_workers=settings.encode_concurrency, thread_name_prefix="convirt-inference"
+        )
+        # Image work (decode, embed, store: seconds for a large upload) has threads of its
+        # own at a lower CPU priority, which their OpenMP teams inherit: on a busy machine
+        # the text searches on the threads above are scheduled first.
+        self.image_inference = ThreadPoolExecutor(
+            max_workers=self._image_threads,
+            thread_name_prefix="convirt-image",
+            initializer=_lower_thread_priority,
         )
 
     @classmethod
@@ -128,6 +163,7 @@ class Runtime:
                 thumbnail_size=settings.thumbnail_size,
                 store_originals=settings.store_originals,
             )
+            store.prepare_locks()
             vindex, report = reconcile(
                 sessions,
                 bundle,
@@ -140,13 +176,16 @@ class Runtime:
         except BaseException:
             engine.dispose()
             raise
+        live = LiveIndex(vindex, settings.index_dir)
+        if report.save_error is not None:
+            live.mark_unsaved(report.save_error)
         return cls(
             settings=settings,
             engine=engine,
             sessions=sessions,
             bundle=bundle,
             store=store,
-            index=LiveIndex(vindex, settings.index_dir),
+            index=live,
             metrics=metrics or Metrics(),
             report=report,
         )
@@ -156,7 +195,7 @@ class Runtime:
     def rebuild_index(self) -> None:
         """Rebuild the index from the database with no change in flight, and save it."""
         with self.index.exclusive():
-            vindex, reason = open_index(
+            vindex, reason, save_error = open_index(
                 self.sessions,
                 index_dir=self.settings.index_dir,
                 model_id=self.bundle.model_id,
@@ -165,16 +204,37 @@ class Runtime:
             )
             # Either the saved copy agrees with the database (reason None) or open_index
             # rebuilt and saved a new one: both are on disk as they are live.
-            self.index.replace(vindex, saved=True)
+            self.index.replace(vindex, saved=save_error is None)
+            if save_error is not None:
+                self.index.mark_unsaved(save_error)
             if reason is not None:
                 logger.info("index rebuilt: %s", reason)
 
     def maintain(self) -> None:
-        """Periodic duty: rebuild a stale index, else save unsaved changes."""
-        if self.index.stale_reason is not None:
-            self.rebuild_index()
-        else:
-            self.index.save_if_dirty()
+        """Periodic duty: rebuild a stale index, else save unsaved changes; sweep orphans
+        at the first round after start-up and every ``orphan_sweep_interval_s`` after."""
+        now = time.monotonic()
+        due = self._last_sweep is None or (
+            now - self._last_sweep >= self.settings.orphan_sweep_interval_s
+        )
+        try:
+            if self.index.stale_reason is not None:
+                self.rebuild_index()
+            else:
+                self.index.save_if_dirty()
+        except OSError as exc:
+            # A full disk: the index goes on serving from memory; retried next round.
+            logger.warning("index not saved (%s); retrying", exc.strerror or exc)
+        finally:
+            # Also when saving failed: on a full disk the sweep is what frees space.
+            if due:
+                self._last_sweep = now
+                self.sweep_orphans()
+
+    def sweep_orphans(self) -> SweepReport:
+        """Remove stored files that no row refers to (see :mod:`app.services.sweep`)."""
+        with self.metrics.stage("store"):
+            return sweep_orphans(self.sessions, self.store, grace_s=self.settings.orphan_grace_s)
 
     def readiness(self) -> Readiness:
         """Database reachable and index holding exactly the model's stored embeddings."""
@@ -196,14 +256,25 @@ class Runtime:
                 images,
                 vectors,
             )
-        return Readiness(True, images=images, vectors=vectors)
+        notes: tuple[str, ...] = ()
+        if self.index.save_error is not None:
+            failure = self.index.save_error
+            notes = (f"the index is served from memory; saving it failed ({failure})",)
+        return Readiness(True, images=images, vectors=vectors, notes=notes)
 
     def delete_image(self, image_id: int) -> bool:
         """Delete an image: database (committed) first, then the index, then the files.
 
+        The files are removed under the content hash's store lock, and only when no row
+        refers to them any more: a re-upload of the same bytes waits for the lock, so it
+        either committed before (its row keeps the files) or writes them anew after.
         Returns False when there is no such image.
         """
-        with self.index.change():
+        with self.sessions() as session:
+            digest = session.scalar(select(Image.content_hash).where(Image.id == image_id))
+        if digest is None:
+            return False
+        with self.store.lock([digest]), self.index.change():
             with self.metrics.stage("database"), self.sessions() as session, session.begin():
                 row = session.get(Image, image_id)
                 if row is None:
@@ -212,8 +283,12 @@ class Runtime:
                 session.delete(row)
             with self.metrics.stage("index"):
                 self.index.remove(np.asarray([image_id], dtype=np.int64))
-        with self.metrics.stage("store"):
-            self.store.delete(*paths)
+            with self.metrics.stage("store"), self.sessions() as session:
+                still_used = session.scalar(
+                    select(func.count()).select_from(Image).where(Image.content_hash == digest)
+                )
+                if not still_used:
+                    self.store.delete(*paths)
         logger.info("image %d deleted", image_id)
         return True
 
@@ -223,11 +298,30 @@ class Runtime:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.inference, functools.partial(fn, *args, **kwargs))
 
+    async def infer_image(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """:meth:`infer` for work that decodes images: on the image threads, waiting for one
+        at most ``decode_wait_s`` seconds (then :class:`BusyError`, 503 ``busy``)."""
+        try:
+            await asyncio.wait_for(self._image_lane.acquire(), self.settings.decode_wait_s)
+        except TimeoutError:
+            raise BusyError("the service is busy with other images; retry shortly") from None
+        try:
+            loop = asyncio.get_running_loop()
+            call = functools.partial(fn, *args, **kwargs)
+            return await loop.run_in_executor(self.image_inference, call)
+        finally:
+            self._image_lane.release()
+
     def close(self) -> None:
         """Finish running inferences, save unsaved index changes, release the database."""
         try:
             self.inference.shutdown(wait=True)
+            self.image_inference.shutdown(wait=True)
             if self.index.stale_reason is None:
-                self.index.save_if_dirty()
+                try:
+                    self.index.save_if_dirty()
+                except OSError as exc:
+                    # Nothing is lost: the next start-up rebuilds it from the database.
+                    logger.warning("index not saved at shutdown: %s", exc.strerror or exc)
         finally:
             self.engine.dispose()

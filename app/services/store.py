@@ -10,13 +10,23 @@ it (``store_originals``).
 Writes go to a temporary file in the target folder and are renamed into place, so a crash
 never leaves half a PNG under a final name; the same bytes always map to the same names,
 so an interrupted ingest that is run again simply overwrites them.
+
+Because the same bytes map to the same names, a delete and a re-upload of those bytes
+touch the same files. :meth:`ImageStore.lock` serialises them per content hash, across
+threads and processes (``flock`` on a lock file per hash prefix): the upload holds it from
+writing its files to committing its row, the delete from committing the removal to
+removing the files, and the orphan sweep while it checks and removes. So a delete can never
+remove the files of a row that a re-upload committed meanwhile.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -30,6 +40,7 @@ from app.errors import AppError
 IMAGES_DIR: Final = "images"
 THUMBNAILS_DIR: Final = "thumbnails"
 ORIGINALS_DIR: Final = "originals"
+LOCKS_DIR: Final = "locks"
 
 #: Suffix of a kept original, by ``ImageMeta.source_format``.
 _ORIGINAL_SUFFIX: Final[dict[str, str]] = {"dicom": ".dcm", "png": ".png", "jpeg": ".jpg"}
@@ -56,10 +67,11 @@ def quantize(pixels: npt.NDArray[np.floating], bits: int) -> npt.NDArray[np.uint
     The service embeds the de-quantised result (see :func:`dequantize`), not the float
     array, so that re-embedding from the stored PNG later reproduces the same vector.
     """
-    clipped = np.clip(pixels, 0.0, 1.0)  # (H, W)
-    if bits <= 8:
-        return np.rint(clipped * 255.0).astype(np.uint8)  # (H, W)
-    return np.rint(clipped * 65535.0).astype(np.uint16)  # (H, W)
+    # One float copy, worked on in place: a large image must not cost several temporaries.
+    scaled = np.clip(pixels, 0.0, 1.0).astype(np.float32, copy=False)  # (H, W)
+    scaled *= np.float32(255.0 if bits <= 8 else 65535.0)
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.uint8 if bits <= 8 else np.uint16)  # (H, W)
 
 
 def dequantize(levels: npt.NDArray[np.integer]) -> npt.NDArray[np.float32]:
@@ -91,6 +103,34 @@ class ImageStore:
         self.root = root
         self.thumbnail_size = thumbnail_size
         self.store_originals = store_originals
+
+    def prepare_locks(self) -> None:
+        """Create every lock file up front (best effort), so that a delete on a disk that
+        has since filled up never needs to create one."""
+        folder = self.root / LOCKS_DIR
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for stripe in range(256):
+                (folder / f"{stripe:02x}.lock").touch(exist_ok=True)
+        except OSError as exc:
+            logger.warning("lock files not prepared: %s", exc.strerror or exc)
+
+    @contextmanager
+    def lock(self, content_hashes: Iterable[str]) -> Iterator[None]:
+        """Hold the write locks of these content hashes (see the module docstring).
+
+        One lock per two-character prefix, taken in sorted order so that two holders of
+        overlapping sets never wait on each other in a cycle. ``flock`` locks belong to the
+        open file, so threads of one process exclude each other as processes do.
+        """
+        stripes = sorted({h[:2] for h in content_hashes})
+        folder = self.root / LOCKS_DIR
+        with ExitStack() as stack:
+            for stripe in stripes:
+                folder.mkdir(parents=True, exist_ok=True)
+                handle = stack.enter_context(open(folder / f"{stripe}.lock", "a+b"))
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            yield
 
     def _relative(self, folder: str, content_hash: str, suffix: str) -> str:
         # Two-character fan-out keeps any one folder small at millions of images.

@@ -6,7 +6,9 @@ evaluation harness all call :func:`decode_image` (or :func:`decode_file`) and ge
 
 The format is recognised from the bytes, never from a file name. Sizes are checked
 against ``max_pixels`` from the header, before any pixel data is decoded, so a small
-upload that claims a huge image is refused without allocating it. Every failure is an
+upload that claims a huge image is refused without allocating it; so is, when the caller
+gives ``max_aspect_ratio`` (the service does), a strip such as 1 × N that no radiograph
+is. Every failure is an
 :class:`ImageDecodeError` subclass with a stable ``code``; errors of pydicom and Pillow
 never escape unwrapped.
 
@@ -45,6 +47,9 @@ FloatArray: TypeAlias = npt.NDArray[np.float32]
 #: Largest Rows × Columns accepted by default (a 7750 × 7750 image); an 8-bit copy of
 #: it is already 60 MB, and chest radiographs are rarely above 4k × 4k.
 DEFAULT_MAX_PIXELS: int = 60_000_000
+#: A sensible ``max_aspect_ratio``: radiographs span about 1:2 to 2:1, long-leg and
+#: scoliosis films reach about 1:3; a 1 × N strip is no radiograph.
+DEFAULT_MAX_ASPECT_RATIO: float = 4.0
 
 _DICM_OFFSET = 128
 _DICM = b"DICM"
@@ -110,6 +115,12 @@ class ImageTooLargeError(ImageDecodeError):
     code = "image_too_large"
 
 
+class AspectRatioError(ImageDecodeError):
+    """The header announces a side more than ``max_aspect_ratio`` times the other."""
+
+    code = "aspect_ratio_out_of_range"
+
+
 @dataclass(frozen=True)
 class ImageMeta:
     """What is known about a decoded image besides its pixels; never patient identifiers.
@@ -164,7 +175,9 @@ def sniff_format(data: bytes) -> SourceFormat | None:
     return None
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: float | None = None
+) -> DecodedImage:
     """Decode DICOM, PNG or JPEG bytes into float32 ``(H, W)`` in ``[0, 1]``, air dark.
 
     DICOM: Modality LUT (or Rescale Slope/Intercept), then the first VOI LUT or, failing
@@ -176,6 +189,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
     alpha images are converted to luminance (ITU-R 601-2, Pillow's ``L``). For these,
     the effective limit is also capped by Pillow's ``Image.MAX_IMAGE_PIXELS``.
 
+    ``max_aspect_ratio`` (None: unchecked) refuses, from the header, an image whose longer
+    side exceeds that many times its shorter side (:class:`AspectRatioError`).
+
     Raises:
         ImageDecodeError: a subclass with a stable ``code`` for every refusal.
     """
@@ -184,6 +200,10 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
     fmt = sniff_format(data)
     if fmt is None:
         raise NotAnImageError("not a DICOM, PNG or JPEG image (unrecognised leading bytes)")
+    if max_aspect_ratio is not None:
+        size = peek_size(data)
+        if size is not None:
+            _check_aspect(*size, max_aspect_ratio)
     if fmt == "dicom":
         decoded = _decode_dicom(data, max_pixels)
     else:
@@ -197,6 +217,39 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
         decoded.meta.photometric,
     )
     return decoded
+
+
+def peek_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as the header announces it, without decoding any pixel.
+
+    Lets a caller reserve memory for the decode before starting it. ``None`` when the bytes
+    are no recognised image or the header cannot be read: decoding them then fails early,
+    from the header, with the precise error and without allocating the pixels.
+    """
+    fmt = sniff_format(data)
+    try:
+        if fmt == "png":
+            header = _png_header(data)
+            return header.width, header.height
+        if fmt == "jpeg":
+            header = _jpeg_header(data)
+            return header.width, header.height
+        if fmt == "dicom":
+            has_preamble = data[_DICM_OFFSET : _DICM_OFFSET + 4] == _DICM
+            if _meta_transfer_syntax(data, has_preamble) == DeflatedExplicitVRLittleEndian:
+                return None
+            ds = pydicom.dcmread(
+                io.BytesIO(data),
+                force=not has_preamble,
+                stop_before_pixels=True,
+                specific_tags=["Rows", "Columns"],
+            )
+            return int(ds.Columns), int(ds.Rows)
+    except MemoryError:
+        raise
+    except Exception:  # a malformed header: decode_image reports it properly
+        return None
+    return None
 
 
 def decode_file(
@@ -218,6 +271,14 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
         raise ImageTooLargeError(
             f"image is {width}x{height} = {width * height} pixels, more than the "
             f"{max_pixels} allowed"
+        )
+
+
+def _check_aspect(width: int, height: int, max_aspect_ratio: float) -> None:
+    if width > 0 and height > 0 and max(width, height) > max_aspect_ratio * min(width, height):
+        raise AspectRatioError(
+            f"image is {width}x{height}: one side is more than {max_aspect_ratio:g} times "
+            "the other, which no radiograph is"
         )
 
 

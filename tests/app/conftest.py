@@ -40,6 +40,7 @@ class PostgresServer:
 
     port: int
     base_dir: Path
+    bin_dir: Path
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://{PG_USER}@127.0.0.1:{self.port}/{database}"
@@ -48,6 +49,44 @@ class PostgresServer:
         return psycopg.connect(
             host="127.0.0.1", port=self.port, user=PG_USER, dbname="postgres", autocommit=True
         )
+
+    def stop(self, mode: str = "fast") -> None:
+        """``pg_ctl stop -m mode``: ``immediate`` is a crash (no shutdown checkpoint)."""
+        _run(_as_server_user(self._pg_ctl("-m", mode, "stop")), "pg_ctl stop")
+
+    def start(self) -> None:
+        """Start the stopped cluster again on the same port."""
+        done = subprocess.run(
+            _as_server_user(
+                self._pg_ctl(
+                    "-l",
+                    str(self.base_dir / "server.log"),
+                    "-o",
+                    _server_options(self.port, self.base_dir),
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                )
+            ),
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {done.stderr}")
+
+    def _pg_ctl(self, *args: str) -> list[str]:
+        return [str(self.bin_dir / "pg_ctl"), "-D", str(self.base_dir / "data"), *args]
+
+
+def _server_options(port: int, base: Path) -> str:
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={base}"
+    if (base / "durable").exists():
+        return options
+    # Fast but not crash-safe: an acknowledged commit can be lost to an immediate stop.
+    return options + " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
 
 
 def _find_pg_bin() -> Path | None:
@@ -80,8 +119,14 @@ def _run(argv: list[str], what: str) -> None:
         raise RuntimeError(f"{what} failed ({done.returncode}): {done.stderr or done.stdout}")
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
+@contextlib.contextmanager
+def throwaway_cluster(*, durable: bool = False) -> Iterator[PostgresServer]:
+    """A new PostgreSQL cluster in a temporary directory, stopped and removed afterwards.
+
+    The session's cluster serves many tests; a test that stops its server makes its own,
+    ``durable`` (fsync and synchronous commits on) when it crashes the server and expects
+    every acknowledged commit to survive, as in production.
+    """
     bin_dir = _find_pg_bin()
     if bin_dir is None:
         reason = (
@@ -94,6 +139,8 @@ def postgres_server() -> Iterator[PostgresServer]:
     base = Path(tempfile.mkdtemp(prefix="convirt-pg-"))
     data = base / "data"
     log = base / "server.log"
+    if durable:
+        (base / "durable").touch()
     if os.geteuid() == 0:
         shutil.chown(base, user=PG_USER)
     try:
@@ -117,10 +164,6 @@ def postgres_server() -> Iterator[PostgresServer]:
         for attempt in range(1, START_ATTEMPTS + 1):
             # The port is free when asked but could be taken before the server binds it.
             port = _free_port()
-            options = (
-                f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={base} "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            )
             start = _as_server_user(
                 [
                     str(bin_dir / "pg_ctl"),
@@ -129,7 +172,7 @@ def postgres_server() -> Iterator[PostgresServer]:
                     "-l",
                     str(log),
                     "-o",
-                    options,
+                    _server_options(port, base),
                     "-w",
                     "-t",
                     "60",
@@ -142,16 +185,20 @@ def postgres_server() -> Iterator[PostgresServer]:
             if attempt == START_ATTEMPTS:
                 server_log = log.read_text(errors="replace") if log.exists() else ""
                 raise RuntimeError(f"pg_ctl start failed: {done.stderr}\n{server_log}")
-        server = PostgresServer(port=port, base_dir=base)
+        server = PostgresServer(port=port, base_dir=base, bin_dir=bin_dir)
         try:
             yield server
         finally:
-            _run(
-                _as_server_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
-                "pg_ctl stop",
-            )
+            with contextlib.suppress(RuntimeError):  # already stopped by the test
+                server.stop("fast")
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    with throwaway_cluster() as server:
+        yield server
 
 
 @pytest.fixture

@@ -61,6 +61,7 @@ def test_ready_reports_model_and_counts(client: TestClient) -> None:
         "model_id": runtime_of(client).bundle.model_id,
         "images": 3,
         "index_vectors": 3,
+        "notes": [],
     }
     with runtime_of(client).sessions() as session:
         model = session.get(EncoderModel, body["model_id"])

@@ -49,15 +49,15 @@ def _diff(url: str, metadata: sa.MetaData) -> list[object]:
         engine.dispose()
 
 
-def test_head_is_the_initial_revision() -> None:
-    assert head_revision() == "0001"
+def test_head_is_the_ids_never_reused_revision() -> None:
+    assert head_revision() == "0002"
 
 
 def test_upgrade_downgrade_upgrade(database_url: str) -> None:
     assert current_revision(database_url) is None
 
     upgrade_database(database_url)
-    assert current_revision(database_url) == "0001"
+    assert current_revision(database_url) == head_revision()
     assert _tables(database_url) >= APP_TABLES
 
     downgrade_database(database_url, "base")
@@ -65,7 +65,7 @@ def test_upgrade_downgrade_upgrade(database_url: str) -> None:
     assert _tables(database_url) & APP_TABLES == set()
 
     upgrade_database(database_url)
-    assert current_revision(database_url) == "0001"
+    assert current_revision(database_url) == head_revision()
     assert _tables(database_url) >= APP_TABLES
 
 
@@ -152,7 +152,7 @@ def test_concurrent_upgrades_take_turns(database_url: str, tmp_path: Path) -> No
     go.touch()
     results = [(proc.wait(timeout=120), proc.communicate()[1]) for proc in procs]
     assert [rc for rc, _ in results] == [0, 0, 0], [err for _, err in results]
-    assert current_revision(database_url) == "0001"
+    assert current_revision(database_url) == "0002"
     assert _diff(database_url, Base.metadata) == []
 
 
@@ -195,7 +195,7 @@ def test_db_command_upgrade_current_downgrade(
 
     assert run(["db", "upgrade", "--database-url", sqlite_url]) == 0
     assert run(["db", "current", "--check", "--database-url", sqlite_url]) == 0
-    assert capsys.readouterr().out.strip() == "0001 (head)"
+    assert capsys.readouterr().out.strip() == "0002 (head)"
     assert _tables(sqlite_url) >= APP_TABLES
 
     assert run(["db", "downgrade", "base", "--database-url", sqlite_url]) == 0
@@ -211,7 +211,7 @@ def test_db_command_reads_the_environment(
     assert run(["db", "upgrade"]) == 0
     assert (tmp_path / "data" / "convirt.db").is_file()
     assert run(["db", "current"]) == 0
-    assert capsys.readouterr().out.strip() == "0001 (head)"
+    assert capsys.readouterr().out.strip() == "0002 (head)"
 
 
 def test_db_command_reports_an_unreachable_database(
@@ -240,5 +240,99 @@ def test_alembic_command_line_uses_the_ini_file(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert current_revision(f"sqlite:///{tmp_path / 'convirt.db'}") == "0001"
+    assert current_revision(f"sqlite:///{tmp_path / 'convirt.db'}") == "0002"
     assert "Running upgrade" in done.stderr
+
+
+def _insert_image(conn: sa.Connection, n: int) -> int:
+    """An image row (and its embedding under model "m") with content hash number ``n``."""
+    digest = f"{n:064x}"
+    image_id = conn.execute(
+        sa.text(
+            "INSERT INTO images (content_hash, source_format, width, height, labels, "
+            "image_path, thumbnail_path) VALUES (:h, 'png', 2, 2, '{}', :p, :p) RETURNING id"
+        ),
+        {"h": digest, "p": f"images/{digest}.png"},
+    ).scalar_one()
+    conn.execute(
+        sa.text("INSERT INTO embeddings (image_id, model_id, dim, vector) VALUES (:i, 'm', 1, :v)"),
+        {"i": image_id, "v": b"\x00\x00\x80\x3f"},
+    )
+    return int(image_id)
+
+
+def _rows(conn: sa.Connection) -> tuple[list[int], list[int]]:
+    images = [int(i) for i in conn.execute(sa.text("SELECT id FROM images ORDER BY id")).scalars()]
+    embedded = [
+        int(i)
+        for i in conn.execute(
+            sa.text("SELECT image_id FROM embeddings ORDER BY image_id")
+        ).scalars()
+    ]
+    return images, embedded
+
+
+def test_ids_of_deleted_newest_rows_are_never_reused(database_url: str) -> None:
+    upgrade_database(database_url)
+    engine = create_engine_for_url(database_url, pooled=False)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO models (id, name, dim, config, is_active) "
+                    "VALUES ('m', 'm', 1, '{}', true)"
+                )
+            )
+            first = [_insert_image(conn, n) for n in range(3)]
+            conn.execute(sa.text("DELETE FROM images WHERE id = :i"), {"i": first[-1]})
+            run = conn.execute(
+                sa.text(
+                    "INSERT INTO evaluation_runs (model_id, protocol, params, status, progress) "
+                    "VALUES ('m', 'p', '{}', 'queued', 0) RETURNING id"
+                )
+            ).scalar_one()
+            conn.execute(sa.text("DELETE FROM evaluation_runs WHERE id = :i"), {"i": run})
+        with engine.begin() as conn:
+            again = _insert_image(conn, 99)
+            run_again = conn.execute(
+                sa.text(
+                    "INSERT INTO evaluation_runs (model_id, protocol, params, status, progress) "
+                    "VALUES ('m', 'p', '{}', 'queued', 0) RETURNING id"
+                )
+            ).scalar_one()
+        assert again > first[-1]
+        assert run_again > run
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_to_0002_keeps_every_row_and_embedding_on_sqlite(sqlite_url: str) -> None:
+    upgrade_database(sqlite_url, "0001")
+    engine = create_engine_for_url(sqlite_url, pooled=False)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO models (id, name, dim, config, is_active) "
+                    "VALUES ('m', 'm', 1, '{}', 1)"
+                )
+            )
+            ids = [_insert_image(conn, n) for n in range(5)]
+            conn.execute(sa.text("DELETE FROM images WHERE id = :i"), {"i": ids[1]})
+            before = _rows(conn)
+        assert before == ([1, 3, 4, 5], [1, 3, 4, 5])
+
+        upgrade_database(sqlite_url)
+        assert current_revision(sqlite_url) == "0002"
+        with engine.begin() as conn:
+            assert _rows(conn) == before
+            # The cascade still works on the rebuilt table.
+            conn.execute(sa.text("DELETE FROM images WHERE id = 5"))
+            assert _rows(conn) == ([1, 3, 4], [1, 3, 4])
+            assert _insert_image(conn, 50) == 6
+
+        downgrade_database(sqlite_url, "0001")
+        with engine.begin() as conn:
+            assert _rows(conn) == ([1, 3, 4, 6], [1, 3, 4, 6])
+    finally:
+        engine.dispose()

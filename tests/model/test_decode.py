@@ -730,3 +730,21 @@ def test_decode_file_reads_any_suffix_and_reports_missing_files(
     assert decode_file(str(disguised)).meta.source_format == "dicom"
     with pytest.raises(FileNotFoundError):
         decode_file(tmp_path / "missing.dcm")
+
+
+def test_strips_are_refused_from_the_header_only_when_asked() -> None:
+    from model.inputs.decode import AspectRatioError, peek_size
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((1, 9000), np.uint8)).save(buffer, format="PNG")
+    strip = buffer.getvalue()
+    assert peek_size(strip) == (9000, 1)
+    with pytest.raises(AspectRatioError) as caught:
+        decode_image(strip, max_aspect_ratio=4.0)
+    assert caught.value.code == "aspect_ratio_out_of_range"
+    assert decode_image(strip).pixels.shape == (1, 9000)
+    assert peek_size(b"not an image") is None
+    dicom = get_testdata_file("RG1_UNCR.dcm", download=False)
+    assert dicom is not None
+    ds = pydicom.dcmread(dicom, stop_before_pixels=True)
+    assert peek_size(Path(dicom).read_bytes()) == (int(ds.Columns), int(ds.Rows))

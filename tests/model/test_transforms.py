@@ -264,3 +264,42 @@ def test_blur_lowers_high_frequency_energy_and_keeps_the_mean() -> None:
 def test_blur_of_a_constant_image_is_constant() -> None:
     constant = np.full((20, 30), 0.3, dtype=np.float32)
     np.testing.assert_allclose(gaussian_blur(constant, 2.5), constant, atol=1e-6)
+
+
+def _full_resize_then_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray:
+    """The textbook eval framing, resizing the whole image: the reference to compare with."""
+    height, width = image.shape
+    if height <= width:
+        new_h, new_w = resize, max(resize, round(width * resize / height))
+    else:
+        new_h, new_w = max(resize, round(height * resize / width)), resize
+    pil = Image.fromarray(image.astype(np.float32))
+    resized = np.asarray(pil.resize((new_w, new_h), Image.Resampling.BILINEAR), np.float32)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[top : top + size, left : left + size]
+
+
+@pytest.mark.parametrize("shape", [(480, 640), (640, 480), (301, 157), (224, 1000)])
+def test_eval_framing_equals_the_full_resize_then_centre_crop(shape: tuple[int, int]) -> None:
+    image = _pattern(*shape, seed=3)
+    out = _gray(EvalTransform(224)(image))
+    np.testing.assert_allclose(out, _full_resize_then_crop(image, 256, 224), atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 20_000), (20_000, 1), (3, 40_000)])
+def test_transforms_of_extreme_aspect_ratios_stay_small(shape: tuple[int, int]) -> None:
+    # Resizing the whole 1 × 20000 image to a short side of 256 would take
+    # 256 × 5 120 000 floats (5 GB); the bounded framing resamples the crop only.
+    import tracemalloc
+
+    image = _pattern(*shape, seed=1)
+    tracemalloc.start()
+    try:
+        eval_out = EvalTransform(224)(image)
+        train_out = TrainTransform(NO_AUG, 224)(image, random.Random(0))
+        augmented = TrainTransform(AugmentConfig(), 224)(image, random.Random(0))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert eval_out.shape == train_out.shape == augmented.shape == (3, 224, 224)
+    assert peak < 20 * 1024 * 1024, f"peak {peak / 2**20:.0f} MiB of numpy allocations"
