@@ -103,6 +103,14 @@ class ClassificationOutcome:
     headline: dict[str, dict[str, float]]
 
 
+def dataset_name(manifest: str) -> str:
+    """What the report's table calls the corpus: the file's stem, with its folder when the
+    stem alone says nothing (``corpus/manifest``, ``CheXpert-v1.0-small/valid``)."""
+    path = Path(manifest)
+    generic = {"manifest", "train", "valid", "validate", "test", "labels"}
+    return f"{path.parent.name}/{path.stem}" if path.stem.lower() in generic else path.stem
+
+
 def prepare_classification(request: ClassificationRequest) -> PreparedClassification:
     """Read the corpus and the prompt set and check that every image exists."""
     if request.protocol not in CLASSIFICATION_PROTOCOLS:
@@ -168,7 +176,7 @@ def run_classification(
     )
 
     request = prepared.request
-    params = {**request.params(), "dataset": Path(request.manifest).stem}
+    params = {**request.params(), "dataset": dataset_name(request.manifest)}
     if prepared.prompt_set is not None:
         from model.evaluation.zeroshot import PROMPTS, run_zero_shot
 
