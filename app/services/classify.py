@@ -33,8 +33,8 @@ from model.zeroshot import PromptClassifier
 
 logger = logging.getLogger(__name__)
 
-#: First over-fetch of the neighbour search, as a multiple of k (unlabelled hits are skipped).
-OVERFETCH: Final = 4
+#: Growth of the neighbour search while unlabelled hits leave fewer than k voters.
+WIDEN: Final = 4
 
 
 @dataclass(frozen=True)
@@ -107,14 +107,16 @@ class ClassifyService:
         self, vector: npt.NDArray[np.float32], exclude_id: int | None
     ) -> list[Hit]:
         total = self.retrieval.index.ntotal
-        fetch = self.knn_k * OVERFETCH
+        # k first: in a store whose images all carry labels (the common case) the vote costs
+        # exactly one search of k; unlabelled images among the hits widen it.
+        fetch = self.knn_k
         while True:
             fetch = min(fetch, total, MAX_K)
             hits = self.retrieval.search(vector, fetch, exclude_id=exclude_id)
             labelled = [hit for hit in hits if hit.labels][: self.knn_k]
             if len(labelled) >= self.knn_k or fetch >= total or fetch >= MAX_K:
                 return labelled
-            fetch *= 2
+            fetch *= WIDEN
 
     def classify(
         self,

@@ -23,7 +23,14 @@ from app.services.ingest import IngestItem
 from app.services.runtime import Runtime
 from model.bundle import EncoderBundle
 from model.prompts import load_prompt_set
-from tests.app.service_support import is_problem, make_settings, running_app, runtime_of, upload
+from tests.app.service_support import (
+    is_problem,
+    make_settings,
+    noise_png,
+    running_app,
+    runtime_of,
+    upload,
+)
 
 KNN_K = 5
 
@@ -223,3 +230,24 @@ def test_classify_errors_are_typed_problems(client: TestClient) -> None:
     )
     # Nothing was stored by any of it.
     assert client.get("/ready").json() == before
+
+
+def test_unlabelled_neighbours_are_skipped_not_counted(
+    client: TestClient, bundle: EncoderBundle
+) -> None:
+    """Unlabelled noise images sit nearest a noise query; the vote reaches past them."""
+    runtime = runtime_of(client)
+    noise = [noise_png(seed) for seed in range(6)]
+    assert upload(client, noise).json()["created"] == len(noise)
+    data = noise_png(99)
+    response = client.post("/classify", files={"file": ("n.png", data, "image/png")})
+    assert response.status_code == 200, response.text
+    vector = runtime.ingest.encode([runtime.ingest.decode(IngestItem(data=data))])[0]
+    names = list(load_prompt_set("chexpert-14").names)
+    nearest = runtime.retrieval.search(vector, KNN_K)
+    assert any(not hit.labels for hit in nearest)  # the plain top k holds unlabelled images
+    votes = _expected_votes(runtime, vector, names)
+    assert [
+        (f["knn"]["positive_fraction"], f["knn"]["neighbours"]) for f in response.json()["findings"]
+    ] == [(pytest.approx(v) if v is not None else None, n) for v, n in votes]
+    assert {n for _, n in votes} == {KNN_K}

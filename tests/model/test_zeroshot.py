@@ -220,3 +220,27 @@ def test_chexpert_valid_csv_is_read_as_downloaded(tmp_path: Path) -> None:
     assert [r.labels["Cardiomegaly"] for r in records] == [0.0, 1.0, 0.0, 1.0]
     assert records[0].labels["Edema"] is None
     assert records[3].labels["Edema"] == -1.0
+
+
+def test_the_bundle_carries_its_training_temperature(bundle: object) -> None:
+    from model.bundle import EncoderBundle
+
+    assert isinstance(bundle, EncoderBundle)
+    # Exported from a run with the default loss: τ = 0.1 is written into config.json.
+    assert bundle.config["temperature"] == 0.1
+    assert bundle.temperature == 0.1
+
+    def with_config(config: dict[str, object]) -> EncoderBundle:
+        return EncoderBundle(
+            bundle.model,
+            config=config,
+            manifest=bundle.manifest,
+            preprocessing=bundle.preprocessing,
+            path=bundle.path,
+            device=bundle.device,
+        )
+
+    assert with_config({**bundle.config, "temperature": 0.05}).temperature == 0.05
+    # Bundles exported before the temperature was recorded: ConVIRT's default.
+    older = {k: v for k, v in bundle.config.items() if k != "temperature"}
+    assert with_config(older).temperature == 0.1
