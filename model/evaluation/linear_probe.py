@@ -334,6 +334,40 @@ def _probe_draw(
     return nanmean(per_finding), chosen, per_finding
 
 
+def _fit_rows(
+    vectors: Mapping[str, FloatArray],
+    positive: BoolArray,
+    known: BoolArray,
+    splits: _Splits,
+    draws: Mapping[str, list[list[int]]],
+    findings: Sequence[str],
+    task: str,
+    options: LinearProbeOptions,
+    report: ProgressCallback,
+    cancel: threading.Event | None,
+) -> dict[str, dict[str, ProbeCell]]:
+    """row → fraction label → the cell of its draws' scores."""
+    rows: dict[str, dict[str, ProbeCell]] = {}
+    total = len(vectors) * sum(len(v) for v in draws.values())
+    done = 0
+    for row, x in vectors.items():
+        rows[row] = {}
+        for label, picks in draws.items():
+            cell = ProbeCell(per_finding={n: [] for n in findings} if task == "multi-label" else {})
+            for picked in picks:
+                _check_stop(cancel)
+                score, chosen, per = _probe_draw(x, positive, known, splits, picked, task, options)
+                cell.scores.append(score)
+                cell.images.append(len(picked))
+                cell.chosen_c.append(chosen)
+                for name, value in zip(findings, per, strict=False):
+                    cell.per_finding[name].append(value)
+                done += 1
+                report(0.8 + 0.2 * done / total, f"fitting probes {done}/{total}")
+            rows[row][label] = cell
+    return rows
+
+
 def run_linear_probe(
     records: Sequence[LabelledRecord],
     spaces: Mapping[str, FeatureSpace],
@@ -382,26 +416,7 @@ def run_linear_probe(
         ]
         for f in opts.fractions
     }
-    rows: dict[str, dict[str, ProbeCell]] = {}
-    total = len(spaces) * sum(len(v) for v in draws.values())
-    done = 0
-    for row in spaces:
-        rows[row] = {}
-        for label, picks in draws.items():
-            cell = ProbeCell(per_finding={n: [] for n in usable} if task == "multi-label" else {})
-            for picked in picks:
-                _check_stop(cancel)
-                score, chosen, per = _probe_draw(
-                    vectors[row], positive, known, splits, picked, task, opts
-                )
-                cell.scores.append(score)
-                cell.images.append(len(picked))
-                cell.chosen_c.append(chosen)
-                for name, value in zip(usable, per, strict=False):
-                    cell.per_finding[name].append(value)
-                done += 1
-                report(0.8 + 0.2 * done / total, f"fitting probes {done}/{total}")
-            rows[row][label] = cell
+    rows = _fit_rows(vectors, positive, known, splits, draws, usable, task, opts, report, cancel)
     result = LinearProbeResult(
         model_id=model_id,
         model_name=model_name,

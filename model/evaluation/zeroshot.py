@@ -231,6 +231,39 @@ def _score_rows(
     return out
 
 
+def _scorable(tested: Sequence[LabelledRecord], prompt_set: PromptSet) -> list[str]:
+    """The set's findings that the evaluated images label with both classes."""
+    findings = labelled_findings(tested, prompt_set.names)
+    if not findings:
+        raise ProtocolError(
+            f"no finding of prompt set {prompt_set.key} has both positive and negative labels "
+            f"among the {len(tested)} evaluated images",
+            code="category_absent",
+        )
+    return findings
+
+
+def _pool_votes(
+    queries: npt.NDArray[np.float32],
+    pool_vectors: npt.NDArray[np.float32],
+    tested: Sequence[LabelledRecord],
+    pool: Sequence[LabelledRecord],
+    findings: Sequence[str],
+    options: ZeroShotOptions,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """:func:`knn_votes` of the evaluated images among the labelled pool."""
+    pool_positive, pool_known = label_matrix(pool, findings)
+    return knn_votes(
+        queries,
+        pool_vectors,
+        pool_positive,
+        pool_known,
+        options.knn_k,
+        query_patients=[r.patient_id for r in tested],
+        pool_patients=[r.patient_id for r in pool],
+    )
+
+
 def run_zero_shot(
     records: Sequence[LabelledRecord],
     encoder: ZeroShotEncoder,
@@ -249,13 +282,7 @@ def run_zero_shot(
     started = time.perf_counter()
     evaluated, pool, pool_rule = _split(records)
     tested = [records[i] for i in evaluated]
-    findings = labelled_findings(tested, prompt_set.names)
-    if not findings:
-        raise ProtocolError(
-            f"no finding of prompt set {prompt_set.key} has both positive and negative labels "
-            f"among the {len(tested)} evaluated images",
-            code="category_absent",
-        )
+    findings = _scorable(tested, prompt_set)
     needed = sorted(set(evaluated) | set(pool))
     space = FeatureSpace(
         cache_key=encoder.model_id,
@@ -278,16 +305,13 @@ def run_zero_shot(
     truth, known = label_matrix(tested, findings)  # (Q, C) each
     classifier = PromptClassifier.build(encoder, prompt_set)
     columns = [prompt_set.names.index(n) for n in findings]
-    pool_records = [records[i] for i in pool]
-    pool_positive, pool_known = label_matrix(pool_records, findings)
-    fractions, voters = knn_votes(
+    fractions, voters = _pool_votes(
         queries,
         embedded[[row_of[i] for i in pool]],
-        pool_positive,
-        pool_known,
-        opts.knn_k,
-        query_patients=[r.patient_id for r in tested],
-        pool_patients=[r.patient_id for r in pool_records],
+        tested,
+        [records[i] for i in pool],
+        findings,
+        opts,
     )
     rows = {
         PROMPTS: classifier.probabilities(queries)[:, columns],  # (Q, C)
@@ -295,7 +319,6 @@ def run_zero_shot(
         KNN: np.nan_to_num(fractions, nan=0.5),
         CHANCE: np.random.default_rng(opts.seed).random(truth.shape),
     }
-    scores = _score_rows(rows, truth, known, findings, opts)
     result = ZeroShotResult(
         model_id=encoder.model_id,
         model_name=model_name,
@@ -303,7 +326,7 @@ def run_zero_shot(
         temperature=classifier.temperature,
         options=opts,
         findings=tuple(findings),
-        scores=scores,
+        scores=_score_rows(rows, truth, known, findings, opts),
         truth=truth,
         known=known,
         row_scores=rows,
@@ -312,18 +335,11 @@ def run_zero_shot(
             "knn_pool": len(pool),
             "knn_pool_rule": pool_rule,
             "knn_mean_voters": round(float(voters.mean()), 3),
-            "positives": {n: int(truth[known[:, c], c].sum()) for c, n in enumerate(findings)},
         },
         embedding_stats=stats,
         seconds=time.perf_counter() - started,
         params=dict(params or {}),
     )
     report(1.0, "done")
-    logger.info(
-        "zero-shot %s on %d images: mean AUROC %.3f over %s",
-        prompt_set.key,
-        len(tested),
-        result.mean(PROMPTS)["auroc_competition"],
-        ", ".join(result.competition),
-    )
+    logger.info("zero-shot %s: %s", prompt_set.key, result.mean(PROMPTS))
     return result
