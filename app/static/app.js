@@ -9,12 +9,22 @@
   // Observations shown as chips: positives and uncertain ones; negatives would drown them.
   const POSITIVE = 1;
   const UNCERTAIN = -1;
-  const TASK_TITLES = { image_to_image: "image → image", text_to_image: "text → image" };
+  const TASK_TITLES = {
+    image_to_image: "image → image",
+    text_to_image: "text → image",
+    zero_shot: "zero-shot",
+    linear_probe: "linear probe",
+  };
   const METHOD_TITLES = {
     model: "ConVIRT",
     backbone: "backbone only",
     random: "random",
     random_expected: "random (expected)",
+    prompts: "prompts",
+    knn: "k-NN vote",
+    chance: "chance",
+    imagenet: "ImageNet",
+    random_init: "random init",
   };
 
   const $ = (id) => document.getElementById(id);
