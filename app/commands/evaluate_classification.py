@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -131,7 +132,7 @@ def run_classification_command(
         "protocol": request.protocol,
         "seconds": round(time.perf_counter() - started, 1),
         "results": {
-            row: {key: None if value != value else round(value, 4) for key, value in scores.items()}
+            row: {k: None if math.isnan(v) else round(v, 4) for k, v in scores.items()}
             for row, scores in outcome.headline.items()
         },
     }

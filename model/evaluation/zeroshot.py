@@ -55,8 +55,9 @@ PROMPTS: Final = "prompts"
 KNN: Final = "knn"
 CHANCE: Final = "chance"
 MODEL_SPACE: Final = "model"
-#: Queries per block of the k-NN similarity matrix (bounds its memory).
-_KNN_BLOCK: Final = 512
+#: Cells of one block of the k-NN similarity matrix: 16 M float64, 128 MiB, whatever the
+#: pool's size (CheXpert's training split as a pool has 223k images).
+_KNN_BLOCK_CELLS: Final = 1 << 24
 
 
 class ZeroShotEncoder(TextEncoder, Protocol):
@@ -185,8 +186,9 @@ def knn_votes(
     fractions = np.full((len(queries), pool_positive.shape[1]), np.nan)
     voters = np.zeros((len(queries), pool_positive.shape[1]), dtype=np.int64)
     pool_ids = np.asarray(pool_patients, dtype=object)
-    for start in range(0, len(queries), _KNN_BLOCK):
-        block = queries[start : start + _KNN_BLOCK].astype(np.float64)
+    step = max(1, _KNN_BLOCK_CELLS // max(len(pool), 1))
+    for start in range(0, len(queries), step):
+        block = queries[start : start + step].astype(np.float64)
         similarity = block @ pool.astype(np.float64).T  # (b, M)
         same = np.asarray(query_patients[start : start + len(block)], dtype=object)
         similarity[same[:, None] == pool_ids[None, :]] = -np.inf

@@ -244,3 +244,23 @@ def test_the_bundle_carries_its_training_temperature(bundle: object) -> None:
     # Bundles exported before the temperature was recorded: ConVIRT's default.
     older = {k: v for k, v in bundle.config.items() if k != "temperature"}
     assert with_config(older).temperature == 0.1
+
+
+def test_knn_votes_do_not_depend_on_the_block_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    import model.evaluation.zeroshot as zeroshot
+
+    rng = np.random.default_rng(5)
+    pool = rng.normal(size=(40, 8)).astype(np.float32)
+    queries = rng.normal(size=(9, 8)).astype(np.float32)
+    positive = rng.random((40, 3)) < 0.4
+    known = rng.random((40, 3)) < 0.9
+    args = (queries, pool, positive, known, 7)
+    patients = {"query_patients": [f"p{i % 4}" for i in range(9)]}
+    patients["pool_patients"] = [f"p{i % 6}" for i in range(40)]
+    whole = knn_votes(*args, **patients)
+    monkeypatch.setattr(zeroshot, "_KNN_BLOCK_CELLS", 2 * 40)  # two queries per block
+    blocked = knn_votes(*args, **patients)
+    np.testing.assert_array_equal(whole[0], blocked[0])
+    np.testing.assert_array_equal(whole[1], blocked[1])
+    assert (whole[1] <= 7).all()
+    assert (whole[1] > 0).any()
