@@ -254,12 +254,23 @@ def test_knn_votes_do_not_depend_on_the_block_size(monkeypatch: pytest.MonkeyPat
     queries = rng.normal(size=(9, 8)).astype(np.float32)
     positive = rng.random((40, 3)) < 0.4
     known = rng.random((40, 3)) < 0.9
-    args = (queries, pool, positive, known, 7)
-    patients = {"query_patients": [f"p{i % 4}" for i in range(9)]}
-    patients["pool_patients"] = [f"p{i % 6}" for i in range(40)]
-    whole = knn_votes(*args, **patients)
+    query_patients = [f"p{i % 4}" for i in range(9)]
+    pool_patients = [f"p{i % 6}" for i in range(40)]
+
+    def votes() -> tuple[np.ndarray, np.ndarray]:
+        return knn_votes(
+            queries,
+            pool,
+            positive,
+            known,
+            7,
+            query_patients=query_patients,
+            pool_patients=pool_patients,
+        )
+
+    whole = votes()
     monkeypatch.setattr(zeroshot, "_KNN_BLOCK_CELLS", 2 * 40)  # two queries per block
-    blocked = knn_votes(*args, **patients)
+    blocked = votes()
     np.testing.assert_array_equal(whole[0], blocked[0])
     np.testing.assert_array_equal(whole[1], blocked[1])
     assert (whole[1] <= 7).all()
