@@ -226,6 +226,7 @@
   function searchText(event) {
     event.preventDefault();
     const query = el.query.value;
+    hideUploadFindings();
     // Sent as typed: the service decides what is acceptable and says why not.
     runSearch(`for “${query.trim()}”`, () =>
       apiJson("search/text", {
@@ -250,6 +251,7 @@
   }
 
   function searchSimilar(imageId) {
+    hideUploadFindings();
     runSearch(`like image ${imageId}`, () =>
       apiJson("search/image", {
         method: "POST",
@@ -422,6 +424,12 @@
       if (seq !== findingsSeq[target]) return;
       meta.textContent = `No findings: ${err.detail || err.title}`;
     }
+  }
+
+  // The findings panel belongs to the last dropped image: another kind of search hides it.
+  function hideUploadFindings() {
+    findingsSeq.upload += 1;
+    el.findings.hidden = true;
   }
 
   function classifyFile(file) {

@@ -290,3 +290,21 @@ def test_findings_are_shown_for_an_upload_and_in_details(
     assert _findings_shown(page, "#detail-findings") == _findings_expected(stored)
     page.screenshot(path=str(screenshot_dir() / "findings.png"), full_page=True)
     assert page.errors == []
+
+
+def test_a_text_search_hides_the_findings_of_the_last_image(
+    page: Any, live_service: LiveService
+) -> None:
+    open_page(page, live_service, key=live_service.api_key)
+    _, study = next(iter(live_service.ids.items()))
+    page.locator("#file").set_input_files(str(study.image_path))
+    _findings_shown(page, "#findings-table")
+    assert page.locator("#findings").is_visible()
+    page.get_by_label("Describe a finding").fill("cardiomegaly")
+    page.get_by_role("button", name="Search", exact=True).click()
+    page.wait_for_function(
+        "() => document.querySelector('#results-summary').textContent.includes('cardiomegaly')",
+        timeout=WAIT_MS,
+    )
+    assert page.locator("#findings").is_hidden()
+    assert page.errors == []

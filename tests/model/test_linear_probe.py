@@ -186,3 +186,48 @@ def test_a_probe_needs_all_three_splits(tmp_path: Path) -> None:
     with pytest.raises(ProtocolError) as missing:
         run_linear_probe(records, {"model": _space("good", True)}, ["Edema"], model_id="m")
     assert missing.value.code == "not_enough_images"
+
+
+def test_one_positive_finding_per_image_is_probed_as_multi_class(tmp_path: Path) -> None:
+    """COVIDx-style labels: each image is exactly one of the classes; scored by accuracy."""
+    rng = np.random.default_rng(3)
+    rows = []
+    (tmp_path / "images").mkdir()
+    for patient in range(45):
+        split = "test" if patient < 12 else "validate" if patient < 20 else "train"
+        pneumonia = patient % 2 == 1
+        pixels = rng.random((8, 8)) * 0.2
+        pixels[:, :4] += 0.7 * pneumonia
+        name = f"images/{patient}.png"
+        Image.fromarray(np.uint8(np.clip(pixels, 0, 1) * 255)).save(tmp_path / name)
+        labels = {"No Finding": float(not pneumonia), "Pneumonia": float(pneumonia)}
+        rows.append([name, "", f"p{patient}", split, json.dumps(labels)])
+    manifest = tmp_path / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "report", "patient_id", "split", "labels"])
+        writer.writerows(rows)
+    result = run_linear_probe(
+        read_labelled(manifest),
+        {"model": _space("good", True)},
+        ["No Finding", "Pneumonia"],
+        model_id="sha256:test",
+        options=LinearProbeOptions(fractions=(1.0,), c_grid=(1.0,)),
+    )
+    assert result.task == "multi-class"
+    assert result.metric == "accuracy"
+    assert result.rows["model"]["100%"].mean == 1.0
+    assert "accuracy@100%" in result.to_dict()["results"]["linear_probe"]["model"]["mean"]
+    with pytest.raises(ProtocolError):
+        run_linear_probe(
+            read_labelled(_corpus(_mkdir(tmp_path / "multi"))),
+            {"model": _space("good", True)},
+            ["Edema", "Cardiomegaly"],
+            model_id="sha256:test",
+            options=LinearProbeOptions(task="multi-class"),
+        )
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
