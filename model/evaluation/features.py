@@ -2,7 +2,8 @@
 
 :func:`embed_records` hashes each file, takes what the
 :class:`~model.evaluation.cache.EmbeddingCache` holds and decodes and encodes the rest,
-with the retrieval runner's machinery, for several feature spaces at once.
+with the retrieval runner's :func:`~model.evaluation.runner.hash_files` and
+:func:`~model.evaluation.runner.embed_images`, for several feature spaces at once.
 :class:`BundleBackbone` gives a bundle's *trained* backbone features (the projection
 head's input), the features the linear probe fits on.
 """
@@ -25,8 +26,8 @@ from model.evaluation.labelled import LabelledRecord
 from model.evaluation.runner import (
     EmbeddingStats,
     ProgressCallback,
-    _embed_images,
-    _hash_files,
+    embed_images,
+    hash_files,
 )
 
 if TYPE_CHECKING:
@@ -62,8 +63,8 @@ def embed_records(
     where: dict[str, str] = {}
     for record in records:
         where.setdefault(record.path, record.where)
-    hashes = _hash_files(paths, None, where, progress, cancel)
-    return _embed_images(
+    hashes = hash_files(paths, None, where, progress, cancel)
+    return embed_images(
         {name: space.encode for name, space in spaces.items()},
         paths,
         hashes,

@@ -48,7 +48,7 @@ from model.evaluation.labelled import (
     label_matrix,
     labelled_findings,
 )
-from model.evaluation.runner import EmbeddingStats, ProgressCallback, _check_stop
+from model.evaluation.runner import EmbeddingStats, ProgressCallback, check_stop
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def _fit_rows(
         for label, picks in draws.items():
             cell = ProbeCell(per_finding={n: [] for n in findings} if task == "multi-label" else {})
             for picked in picks:
-                _check_stop(cancel)
+                check_stop(cancel)
                 score, chosen, per = _probe_draw(x, positive, known, splits, picked, task, options)
                 cell.scores.append(score)
                 cell.images.append(len(picked))

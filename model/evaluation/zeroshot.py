@@ -44,7 +44,7 @@ from model.evaluation.labelled import (
     label_matrix,
     labelled_findings,
 )
-from model.evaluation.runner import EmbeddingStats, ProgressCallback, _check_stop
+from model.evaluation.runner import EmbeddingStats, ProgressCallback, check_stop
 from model.prompts import PromptSet
 from model.zeroshot import PromptClassifier, TextEncoder
 
@@ -299,7 +299,7 @@ def run_zero_shot(
         progress=report,
         cancel=cancel,
     )
-    _check_stop(cancel)
+    check_stop(cancel)
     report(0.95, "scoring")
     row_of = {index: row for row, index in enumerate(needed)}
     embedded = vectors[MODEL_SPACE]
