@@ -127,11 +127,11 @@ class EvaluationRequest:
     backbone: bool = True
     random_repeats: int = 20
     prompt_set: str | None = None
-    knn_k: int = 10
-    bootstrap: int = 1000
-    fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
-    draws: int = 3
-    task: str = "auto"
+    knn_k: int = ClassificationRequest.knn_k
+    bootstrap: int = ClassificationRequest.bootstrap
+    fractions: tuple[float, ...] = ClassificationRequest.fractions
+    draws: int = ClassificationRequest.draws
+    task: str = ClassificationRequest.task
 
     def classification(self) -> ClassificationRequest:
         """The zero-shot or linear-probe request, as ``convirt evaluate`` builds it."""
