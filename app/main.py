@@ -26,6 +26,7 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from app.api import classify as classify_api
 from app.api import evaluations as evaluations_api
 from app.api import health, images, search
 from app.api import web as web_page
@@ -146,6 +147,7 @@ def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None
     app.include_router(health.router)
     app.include_router(images.router)
     app.include_router(search.router)
+    app.include_router(classify_api.router)
     app.include_router(evaluations_api.router)
     app.include_router(web_page.router)
 

@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     )
     max_query_chars: int = Field(default=1000, gt=0, description="longest text query")
     k_max: int = Field(default=1000, ge=1, description="most hits one search may ask for")
+    classify_knn_k: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="stored labelled neighbours whose labels vote in /classify's second opinion",
+    )
     encode_concurrency: int = Field(
         default=2, ge=1, le=64, description="model inferences running at the same time"
     )

@@ -152,7 +152,12 @@ def export_bundle(
     """
     from safetensors.torch import save_file
 
-    from model.checkpoint import checkpoint_run_name, load_checkpoint, model_from_checkpoint
+    from model.checkpoint import (
+        checkpoint_run_name,
+        checkpoint_temperature,
+        load_checkpoint,
+        model_from_checkpoint,
+    )
 
     target = Path(out_dir)
     if target.exists() and any(target.iterdir()) and not overwrite:
@@ -161,6 +166,8 @@ def export_bundle(
     model, model_config = model_from_checkpoint(checkpoint)
     model.eval()
     config_doc = _bundle_config(model, model_config, name or checkpoint_run_name(checkpoint))
+    # Zero-shot classification scales similarities by the temperature the run trained with.
+    config_doc["temperature"] = checkpoint_temperature(checkpoint)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -315,6 +322,18 @@ class EncoderBundle:
     @property
     def name(self) -> str:
         return str(self.config["name"])
+
+    @property
+    def temperature(self) -> float:
+        """The InfoNCE temperature τ of training (similarities are divided by it).
+
+        Bundles exported before the config recorded it fall back to the loss's default,
+        ConVIRT's τ = 0.1.
+        """
+        from model.config import LossConfig
+
+        value = self.config.get("temperature")
+        return float(value) if isinstance(value, int | float) else LossConfig().temperature
 
     def __repr__(self) -> str:
         return f"EncoderBundle({self.name!r}, {self.model_id}, dim={self.dim}, {self.device})"

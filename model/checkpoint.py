@@ -150,6 +150,15 @@ def checkpoint_run_name(checkpoint: Mapping[str, Any]) -> str:
     return name
 
 
+def checkpoint_temperature(checkpoint: Mapping[str, Any]) -> float:
+    """The InfoNCE temperature the run trained with (its ``loss.temperature``)."""
+    from model.config import LossConfig
+
+    loss = _stored_config(checkpoint).get("loss")
+    value = loss.get("temperature") if isinstance(loss, Mapping) else None
+    return float(value) if isinstance(value, int | float) else LossConfig().temperature
+
+
 def model_from_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[ConVIRT, ModelConfig]:
     """Rebuild the model stored in a loaded checkpoint (no pretrained weights are read).
 

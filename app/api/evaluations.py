@@ -1,4 +1,7 @@
-"""``/evaluations``: start a retrieval evaluation in the background, follow it, list past runs.
+"""``/evaluations``: start an evaluation in the background, follow it, list past runs.
+
+Retrieval (``chexpert-8x200``, ``manifest``, ``stored``) and classification (``zero-shot``,
+``linear-probe``) protocols run here as they do under ``convirt evaluate``.
 
 ``POST /evaluations`` answers 202 with the queued run (and its ``Location``); a request
 that cannot be evaluated (missing image, category absent from the candidates, query among
@@ -44,12 +47,17 @@ class EvaluationCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    protocol: Literal["chexpert-8x200", "manifest", "stored"] = Field(
+    protocol: Literal["chexpert-8x200", "manifest", "stored", "zero-shot", "linear-probe"] = Field(
         description="chexpert-8x200: official files over a CheXpert root; manifest: a "
-        "labelled manifest; stored: the images stored in the service, with their labels"
+        "labelled manifest; stored: the images stored in the service, with their labels; "
+        "zero-shot: prompt-set AUROC on a labelled manifest; linear-probe: logistic "
+        "regression on frozen features at 1/10/100 % of a manifest's training labels"
     )
     root: str | None = Field(
-        default=None, max_length=MAX_PATH_CHARS, description="chexpert-8x200: CheXpert root"
+        default=None,
+        max_length=MAX_PATH_CHARS,
+        description="chexpert-8x200: CheXpert root; zero-shot/linear-probe: where the paths "
+        "of a CheXpert CSV start (default: found from the CSV's place)",
     )
     protocol_dir: str | None = Field(
         default=None,
@@ -58,12 +66,16 @@ class EvaluationCreate(BaseModel):
         "(default: found under root)",
     )
     manifest: str | None = Field(
-        default=None, max_length=MAX_PATH_CHARS, description="manifest: .csv or .jsonl file"
+        default=None,
+        max_length=MAX_PATH_CHARS,
+        description="manifest, zero-shot, linear-probe: .csv or .jsonl manifest (or a "
+        "CheXpert valid.csv/test.csv/train.csv for the last two)",
     )
     categories: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
         default=None,
         max_length=32,
-        description="manifest/stored: categories (default: the eight CheXpert 8x200 ones)",
+        description="manifest/stored: categories (default: the eight CheXpert 8x200 ones); "
+        "zero-shot/linear-probe: the findings scored (default: all the set or corpus labels)",
     )
     candidates_per_category: int = Field(default=200, ge=1, le=100_000)
     queries_per_category: int = Field(default=10, ge=1, le=10_000)
@@ -76,12 +88,38 @@ class EvaluationCreate(BaseModel):
     ks: list[Annotated[int, Field(ge=1, le=100_000)]] = Field(
         default=[5, 10, 50], min_length=1, max_length=10
     )
-    backbone: bool = Field(default=True, description="also score the backbone-only baseline")
+    backbone: bool = Field(
+        default=True,
+        description="also score the backbone-only baseline (linear-probe: the ImageNet and "
+        "random-init rows)",
+    )
     random_repeats: int = Field(default=20, ge=1, le=1000)
+    prompt_set: str | None = Field(
+        default=None,
+        max_length=64,
+        description="zero-shot: a shipped prompt set (default chexpert-14)",
+    )
+    knn_k: int = Field(default=10, ge=1, le=1000, description="zero-shot: k-NN voters")
+    bootstrap: int = Field(
+        default=1000, ge=1, le=100_000, description="zero-shot: AUROC bootstrap resamples"
+    )
+    fractions: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        default=[0.01, 0.1, 1.0],
+        min_length=1,
+        max_length=10,
+        description="linear-probe: shares of the training split's labels",
+    )
+    draws: int = Field(default=3, ge=1, le=100, description="linear-probe: draws per fraction")
+    task: Literal["auto", "multi-label", "multi-class"] = "auto"
 
     @model_validator(mode="after")
     def _fields_of_the_protocol(self) -> EvaluationCreate:
-        if self.protocol == "chexpert-8x200":
+        if self.protocol in ("zero-shot", "linear-probe"):
+            if not self.manifest:
+                raise ValueError(f"protocol {self.protocol} needs manifest")
+            if self.protocol_dir or self.text_queries:
+                raise ValueError(f"protocol_dir and text_queries do not apply to {self.protocol}")
+        elif self.protocol == "chexpert-8x200":
             if not self.root:
                 raise ValueError("protocol chexpert-8x200 needs root")
             if self.manifest or self.categories or self.text_queries:
@@ -109,6 +147,12 @@ class EvaluationCreate(BaseModel):
             ks=tuple(sorted(set(self.ks))),
             backbone=self.backbone,
             random_repeats=self.random_repeats,
+            prompt_set=self.prompt_set,
+            knn_k=self.knn_k,
+            bootstrap=self.bootstrap,
+            fractions=tuple(sorted(set(self.fractions))),
+            draws=self.draws,
+            task=self.task,
         )
 
 

@@ -10,13 +10,19 @@ import numpy as np
 import numpy.typing as npt
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from app.api.deps import RuntimeDep, SettingsDep
 from app.api.images import thumbnail_url
 from app.api.problems import problem_responses
-from app.api.uploads import field_problem, parse_json_field, read_upload, require_content_type
+from app.api.uploads import (
+    field_problem,
+    inline_refs,
+    parse_json_field,
+    read_upload,
+    require_content_type,
+    validate_part,
+)
 from app.errors import ProblemError
 from app.schemas import (
     ImageSearchCreate,
@@ -116,31 +122,13 @@ async def search_text(
     return _response(request, runtime, k, hits, start)
 
 
-def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
-    """A pydantic JSON schema with its ``$defs`` references inlined (for openapi_extra)."""
-    defs = schema.pop("$defs", {})
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return walk(defs[ref.removeprefix("#/$defs/")])
-            return {key: walk(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [walk(value) for value in node]
-        return node
-
-    inlined: dict[str, Any] = walk(schema)
-    return inlined
-
-
 def _image_search_openapi() -> dict[str, Any]:
-    filters_schema = _inline_refs(SearchFilters.model_json_schema())
+    filters_schema = inline_refs(SearchFilters.model_json_schema())
     return {
         "requestBody": {
             "required": True,
             "content": {
-                _JSON: {"schema": _inline_refs(ImageSearchCreate.model_json_schema())},
+                _JSON: {"schema": inline_refs(ImageSearchCreate.model_json_schema())},
                 _MULTIPART: {
                     "schema": {
                         "type": "object",
@@ -162,14 +150,6 @@ def _image_search_openapi() -> dict[str, Any]:
             },
         }
     }
-
-
-def _validated(model: type[BaseModel], data: Any, loc_prefix: tuple[str, ...]) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        errors = [{**err, "loc": (*loc_prefix, *err["loc"])} for err in exc.errors()]
-        raise RequestValidationError(errors) from exc
 
 
 @router.post(
@@ -210,24 +190,39 @@ async def _search_by_id(
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]
         ) from exc
-    body: ImageSearchCreate = _validated(ImageSearchCreate, payload, ("body",))
+    body: ImageSearchCreate = validate_part(ImageSearchCreate, payload, ("body",))
     k = _check_k(body.k, settings)
     filters = _filters(body.filters)
     # A stored image needs no inference: its vector is read, the search needs no model.
-    stored = await anyio.to_thread.run_sync(runtime.retrieval.stored_vector, body.image_id)
-    if stored is None:
-        exists = await anyio.to_thread.run_sync(runtime.retrieval.image_exists, body.image_id)
-        if not exists:
-            raise ProblemError(404, "image_not_found", f"no image with id {body.image_id}")
-        raise ProblemError(
-            409,
-            "image_not_embedded",
-            f"image {body.image_id} has no vector under the current model yet",
-        )
+    stored = await stored_query_vector(runtime, body.image_id)
     hits = await anyio.to_thread.run_sync(
         lambda: runtime.retrieval.search(stored, k, filters=filters, exclude_id=body.image_id)
     )
     return k, hits
+
+
+async def stored_query_vector(runtime: Runtime, image_id: int) -> npt.NDArray[np.float32]:
+    """The current model's vector of a stored image: 404 ``image_not_found`` when there is
+    no such image, 409 ``image_not_embedded`` when it has no vector under this model yet."""
+    stored = await anyio.to_thread.run_sync(runtime.retrieval.stored_vector, image_id)
+    if stored is None:
+        exists = await anyio.to_thread.run_sync(runtime.retrieval.image_exists, image_id)
+        if not exists:
+            raise ProblemError(404, "image_not_found", f"no image with id {image_id}")
+        raise ProblemError(
+            409,
+            "image_not_embedded",
+            f"image {image_id} has no vector under the current model yet",
+        )
+    return stored
+
+
+def embed_upload(runtime: Runtime, data: bytes) -> npt.NDArray[np.float32]:
+    """Decode and embed an uploaded image without storing it, within the decoded-pixel budget.
+
+    Typed decode errors, 503 ``busy`` past the budget's wait; returns (D,).
+    """
+    return runtime.ingest.embed_query(data)
 
 
 async def _search_by_upload(
@@ -247,11 +242,10 @@ async def _search_by_upload(
         filters = None
         if isinstance(raw_filters, str) and raw_filters.strip():
             parsed = parse_json_field(raw_filters, ["body", "filters"])
-            filters = _filters(_validated(SearchFilters, parsed, ("body", "filters")))
+            filters = _filters(validate_part(SearchFilters, parsed, ("body", "filters")))
         data = await read_upload(upload, settings.max_upload_bytes)
 
     def embed_and_search() -> list[Hit]:
-        vector = runtime.ingest.embed_query(data)  # (D,), within the decode pixel budget
-        return runtime.retrieval.search(vector, k, filters=filters)
+        return runtime.retrieval.search(embed_upload(runtime, data), k, filters=filters)
 
     return k, await runtime.infer_image(embed_and_search)

@@ -6,7 +6,8 @@ import json
 from typing import Any, Final
 
 from fastapi import Request
-from pydantic import TypeAdapter, ValidationError
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -125,3 +126,30 @@ def parse_json_field(raw: str, loc: list[str | int]) -> Any:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
         raise field_problem(loc, "not valid JSON", "json_invalid") from exc
+
+
+def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` references inlined (for openapi_extra)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {key: walk(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [walk(value) for value in node]
+        return node
+
+    inlined: dict[str, Any] = walk(schema)
+    return inlined
+
+
+def validate_part(model: type[BaseModel], data: Any, loc_prefix: tuple[str, ...]) -> Any:
+    """``model`` validated from ``data``; errors located under ``loc_prefix`` (a 422)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [{**err, "loc": (*loc_prefix, *err["loc"])} for err in exc.errors()]
+        raise RequestValidationError(errors) from exc

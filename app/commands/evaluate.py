@@ -13,6 +13,19 @@ Two protocols:
   (CSV: ``Variable,Text`` or ``category,text``) or, by default, from the project's own
   queries for the eight CheXpert 8x200 categories.
 
+Two classification protocols over a labelled ``--manifest FILE`` (a paired manifest, or
+CheXpert's own ``valid.csv``/``test.csv``/``train.csv`` as downloaded, images under
+``--root`` or next to the CSV):
+
+- ``--protocol zero-shot``: each finding of ``--prompt-set`` (default ``chexpert-14``)
+  scored on the test split (or every image) by AUROC with a 95 % bootstrap interval
+  (``--bootstrap`` resamples), F1 and MCC at Youden's threshold, against the k-NN vote of
+  the ``--knn-k`` nearest labelled images and chance; writes ``roc.png``.
+- ``--protocol linear-probe``: logistic regression on the frozen pooled backbone features
+  of the bundle, its ImageNet start and a random start (``--no-backbone`` keeps only the
+  bundle), at ``--fractions`` of the training split's patients (``--draws`` draws each
+  under 100 %); writes ``linear_probe.png``.
+
 Writes into ``--out``: ``report.json`` (every score), ``report.md`` (summary),
 ``precision_at_k.png`` and ``embedding_map.png``. Image embeddings are cached by (model
 id, sha256 of the file) in ``--cache`` (default ``OUT/embedding-cache.sqlite``), so a
@@ -38,7 +51,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS: tuple[str, ...] = ("chexpert-8x200", "manifest")
+PROTOCOLS: tuple[str, ...] = ("chexpert-8x200", "manifest", "zero-shot", "linear-probe")
 
 
 def register(subparsers: Any) -> None:
@@ -81,6 +94,9 @@ def register(subparsers: Any) -> None:
     corpus.add_argument(
         "--text-queries", type=Path, metavar="FILE", help="CSV of category,text queries"
     )
+    from app.commands.evaluate_classification import add_classification_arguments
+
+    add_classification_arguments(parser)
     run_group = parser.add_argument_group("run")
     run_group.add_argument(
         "--seed", type=int, default=0, help="sampling and random-baseline seed (0)"
@@ -161,6 +177,8 @@ def _load_protocol(args: argparse.Namespace) -> tuple[RetrievalProtocol, Path | 
 
 def run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
+    if args.protocol in ("zero-shot", "linear-probe"):
+        return _run_classification(args, parser)
     if args.protocol == "chexpert-8x200" and args.root is None:
         parser.error("--protocol chexpert-8x200 needs --root (the CheXpert image root)")
     if args.protocol == "manifest" and args.manifest is None:
@@ -243,6 +261,12 @@ def _summary(result: EvaluationResult, report: Path, seconds: float) -> dict[str
     for task in (IMAGE_TO_IMAGE, TEXT_TO_IMAGE):
         summary[task] = {k: round(v, 4) for k, v in result.scores[task][MODEL].mean.items()}
     return summary
+
+
+def _run_classification(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from app.commands.evaluate_classification import run_classification_command
+
+    return run_classification_command(args, parser, _bundle_dir, _progress_logger())
 
 
 def _progress_logger() -> ProgressCallback:

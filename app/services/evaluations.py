@@ -6,7 +6,10 @@ A run scores the service's encoder bundle with :mod:`model.evaluation` over one 
   server;
 - ``manifest``: a labelled manifest readable by the server, sampled per category;
 - ``stored``: the images already stored in the service, with their labels, sampled the
-  same way (their de-identified PNGs are what is embedded).
+  same way (their de-identified PNGs are what is embedded);
+- ``zero-shot`` and ``linear-probe``: the classification protocols over a labelled
+  manifest (or CheXpert CSV) readable by the server, run by the same code as ``convirt
+  evaluate`` (:mod:`model.evaluation.classification`), so both give the same numbers.
 
 One run at a time per process: :meth:`EvaluationJobs.submit` validates the request
 synchronously (so a missing image or an absent category is a 422 problem at once), stores
@@ -27,7 +30,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -43,21 +46,41 @@ from app.services.runtime import Runtime
 from model.errors import ModelError
 from model.evaluation.assemble import OFFICIAL, assemble_protocol
 from model.evaluation.baseline import InitialBackbone
+from model.evaluation.classification import (
+    CLASSIFICATION_PROTOCOLS,
+    ClassificationRequest,
+    prepare_classification,
+    run_classification,
+)
 from model.evaluation.protocol import RetrievalProtocol, TextQuery
-from model.evaluation.runner import EvaluationCancelled, EvaluationOptions, run_evaluation
+from model.evaluation.runner import (
+    EvaluationCancelled,
+    EvaluationOptions,
+    ProgressCallback,
+    run_evaluation,
+)
 from model.evaluation.sampling import LabelledImage
 
 logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 
-PROTOCOLS: Final[tuple[str, ...]] = ("chexpert-8x200", "manifest", "stored")
+PROTOCOLS: Final[tuple[str, ...]] = (
+    "chexpert-8x200",
+    "manifest",
+    "stored",
+    *CLASSIFICATION_PROTOCOLS,
+)
 #: Sub-folder of the data directory holding each run's report files.
 REPORTS_DIR: Final = "evaluations"
 #: Seconds between progress writes to the database.
 PROGRESS_INTERVAL_S: Final = 0.5
 # Rows per IN (...) query of the cache.
 _CHUNK: Final = 500
+
+#: A prepared run: ``work(progress, cancel, report_dir)`` scores, writes the report files
+#: and returns ``report.json``'s document.
+Work = Callable[[ProgressCallback, threading.Event, Path], dict[str, Any]]
 
 
 class EvaluationBusyError(ProblemError):
@@ -79,6 +102,10 @@ class EvaluationRequest:
     ``root``/``protocol_dir``: chexpert-8x200. ``manifest``: manifest. ``categories``,
     ``candidates_per_category``, ``queries_per_category``, ``seed`` and ``text_queries``
     (category, text) pairs: manifest and stored (built-in queries when empty).
+    ``prompt_set``, ``knn_k``, ``bootstrap`` (zero-shot), ``fractions``, ``draws``,
+    ``task`` (linear-probe), with ``manifest``, ``root`` (images of a CheXpert CSV),
+    ``categories`` (the findings), ``seed`` and ``backbone`` (the probe's baselines):
+    the classification protocols.
     """
 
     protocol: str
@@ -93,9 +120,34 @@ class EvaluationRequest:
     ks: tuple[int, ...] = (5, 10, 50)
     backbone: bool = True
     random_repeats: int = 20
+    prompt_set: str | None = None
+    knn_k: int = ClassificationRequest.knn_k
+    bootstrap: int = ClassificationRequest.bootstrap
+    fractions: tuple[float, ...] = ClassificationRequest.fractions
+    draws: int = ClassificationRequest.draws
+    task: str = ClassificationRequest.task
+
+    def classification(self) -> ClassificationRequest:
+        """The zero-shot or linear-probe request, as ``convirt evaluate`` builds it."""
+        return ClassificationRequest(
+            protocol=self.protocol,
+            manifest=self.manifest or "",
+            root=self.root,
+            findings=self.categories,
+            prompt_set=self.prompt_set,
+            knn_k=self.knn_k,
+            bootstrap=self.bootstrap,
+            fractions=self.fractions,
+            draws=self.draws,
+            task=self.task,
+            baselines=self.backbone,
+            seed=self.seed,
+        )
 
     def params(self) -> dict[str, Any]:
         """The request as stored with the run (JSON)."""
+        if self.protocol in CLASSIFICATION_PROTOCOLS:
+            return self.classification().params()
         out: dict[str, Any] = {
             "ks": list(self.ks),
             "backbone": self.backbone,
@@ -193,12 +245,7 @@ class EvaluationJobs:
         with self._lock:
             if self._job is not None and self._job.thread.is_alive():
                 raise EvaluationBusyError(self._job.run_id)
-            protocol, root = self._protocol(runtime, request)
-            options = EvaluationOptions(
-                ks=request.ks,
-                random_repeats=request.random_repeats,
-                seed=request.seed,
-            )
+            work = self._prepare(runtime, request)
             with runtime.sessions() as session, session.begin():
                 run = EvaluationRun(
                     model_id=runtime.bundle.model_id,
@@ -214,7 +261,7 @@ class EvaluationJobs:
             cancel = threading.Event()
             thread = threading.Thread(
                 target=self._work,
-                args=(runtime, run_id, protocol, root, options, request.backbone, cancel),
+                args=(runtime, run_id, work, cancel),
                 name=f"evaluation-{run_id}",
                 daemon=True,
             )
@@ -239,6 +286,51 @@ class EvaluationJobs:
             return True
         job.thread.join(timeout)
         return not job.thread.is_alive()
+
+    def _prepare(self, runtime: Runtime, request: EvaluationRequest) -> Work:
+        """Check the request (a 4xx problem now rather than a failed run later); its work."""
+        sessions = runtime.sessions
+        if request.protocol in CLASSIFICATION_PROTOCOLS:
+            if not request.manifest:
+                raise ProblemError(422, "invalid_request", f"{request.protocol} needs a manifest")
+            prepared = prepare_classification(request.classification())
+
+            def classify(progress: ProgressCallback, cancel: threading.Event, out: Path) -> Any:
+                outcome = run_classification(
+                    prepared,
+                    runtime.bundle,
+                    cache=DatabaseEmbeddingCache(sessions),
+                    progress=progress,
+                    cancel=cancel,
+                )
+                outcome.write(out, None)
+                return outcome.document
+
+            return classify
+        protocol, root = self._protocol(runtime, request)
+        options = EvaluationOptions(
+            ks=request.ks, random_repeats=request.random_repeats, seed=request.seed
+        )
+
+        def retrieve(progress: ProgressCallback, cancel: threading.Event, out: Path) -> Any:
+            from model.evaluation.report_files import write_report
+
+            backbone = InitialBackbone.from_bundle(runtime.bundle) if request.backbone else None
+            result = run_evaluation(
+                protocol,
+                runtime.bundle,
+                root=root,
+                backbone=backbone,
+                cache=DatabaseEmbeddingCache(sessions),
+                options=options,
+                progress=progress,
+                cancel=cancel,
+                model_name=runtime.bundle.name,
+            )
+            write_report(result, out)
+            return result.to_dict()
+
+        return retrieve
 
     def _protocol(
         self, runtime: Runtime, request: EvaluationRequest
@@ -286,16 +378,7 @@ class EvaluationJobs:
                 for key, value in values.items():
                     setattr(run, key, value)
 
-    def _work(
-        self,
-        runtime: Runtime,
-        run_id: int,
-        protocol: RetrievalProtocol,
-        root: Path | None,
-        options: EvaluationOptions,
-        with_backbone: bool,
-        cancel: threading.Event,
-    ) -> None:
+    def _work(self, runtime: Runtime, run_id: int, work: Work, cancel: threading.Event) -> None:
         sessions = runtime.sessions
         last_write = [0.0]
 
@@ -307,23 +390,8 @@ class EvaluationJobs:
 
         try:
             self._update(sessions, run_id, status="running", started_at=utcnow())
-            backbone = InitialBackbone.from_bundle(runtime.bundle) if with_backbone else None
-            result = run_evaluation(
-                protocol,
-                runtime.bundle,
-                root=root,
-                backbone=backbone,
-                cache=DatabaseEmbeddingCache(sessions),
-                options=options,
-                progress=progress,
-                cancel=cancel,
-                model_name=runtime.bundle.name,
-            )
-            from model.evaluation.report_files import write_report
-
             report_dir = runtime.settings.data_dir / REPORTS_DIR / str(run_id)
-            write_report(result, report_dir)
-            document = result.to_dict()
+            document = work(progress, cancel, report_dir)
             document["report_dir"] = f"{REPORTS_DIR}/{run_id}"
             self._update(
                 sessions,
@@ -333,7 +401,7 @@ class EvaluationJobs:
                 results=document,
                 finished_at=utcnow(),
             )
-            logger.info("evaluation %d succeeded in %.1f s", run_id, result.seconds)
+            logger.info("evaluation %d succeeded in %.1f s", run_id, document.get("seconds", 0.0))
         except EvaluationCancelled:
             self._finish_failed(sessions, run_id, "cancelled: the service is stopping")
         except ModelError as exc:

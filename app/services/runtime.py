@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db import create_engine_for, ping, session_factory, upgrade_database
 from app.models import Image
 from app.services.budget import BusyError, PixelBudget
+from app.services.classify import ClassifyService
 from app.services.ingest import IngestService
 from app.services.live_index import LiveIndex
 from app.services.metrics import Metrics
@@ -117,6 +118,9 @@ class Runtime:
         self._last_sweep: float | None = None
         self.retrieval = RetrievalService(
             sessions=sessions, index=index, metrics=metrics, model_id=bundle.model_id
+        )
+        self.classifier = ClassifyService(
+            bundle=bundle, retrieval=self.retrieval, metrics=metrics, knn_k=settings.classify_knn_k
         )
         metrics.index_vectors.set_function(lambda: index.ntotal)
         # Model inference runs on these few threads only: the pool size bounds how many

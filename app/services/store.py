@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -41,6 +42,8 @@ IMAGES_DIR: Final = "images"
 THUMBNAILS_DIR: Final = "thumbnails"
 ORIGINALS_DIR: Final = "originals"
 LOCKS_DIR: Final = "locks"
+
+logger = logging.getLogger(__name__)
 
 #: Suffix of a kept original, by ``ImageMeta.source_format``.
 _ORIGINAL_SUFFIX: Final[dict[str, str]] = {"dicom": ".dcm", "png": ".png", "jpeg": ".jpg"}

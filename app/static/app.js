@@ -9,12 +9,22 @@
   // Observations shown as chips: positives and uncertain ones; negatives would drown them.
   const POSITIVE = 1;
   const UNCERTAIN = -1;
-  const TASK_TITLES = { image_to_image: "image → image", text_to_image: "text → image" };
+  const TASK_TITLES = {
+    image_to_image: "image → image",
+    text_to_image: "text → image",
+    zero_shot: "zero-shot",
+    linear_probe: "linear probe",
+  };
   const METHOD_TITLES = {
     model: "ConVIRT",
     backbone: "backbone only",
     random: "random",
     random_expected: "random (expected)",
+    prompts: "prompts",
+    knn: "k-NN vote",
+    chance: "chance",
+    imagenet: "ImageNet",
+    random_init: "random init",
   };
 
   const $ = (id) => document.getElementById(id);
@@ -48,6 +58,11 @@
     detailMeta: $("detail-meta"),
     detailReport: $("detail-report"),
     detailSimilar: $("detail-similar"),
+    findings: $("findings"),
+    findingsMeta: $("findings-meta"),
+    findingsTable: $("findings-table"),
+    detailFindingsMeta: $("detail-findings-meta"),
+    detailFindings: $("detail-findings"),
   };
 
   // Object URLs of the thumbnails on screen, revoked when the results are replaced.
@@ -211,6 +226,7 @@
   function searchText(event) {
     event.preventDefault();
     const query = el.query.value;
+    hideUploadFindings();
     // Sent as typed: the service decides what is acceptable and says why not.
     runSearch(`for “${query.trim()}”`, () =>
       apiJson("search/text", {
@@ -231,9 +247,11 @@
     runSearch(`like example image ${file.name}`, () =>
       apiJson("search/image", { method: "POST", body: form }),
     );
+    classifyFile(file);
   }
 
   function searchSimilar(imageId) {
+    hideUploadFindings();
     runSearch(`like image ${imageId}`, () =>
       apiJson("search/image", {
         method: "POST",
@@ -380,12 +398,94 @@
     }
     el.detailReport.textContent = image.report_text || "No report stored for this image.";
     el.detailReport.classList.toggle("muted", !image.report_text);
+    classifyStored(image.id);
     if (!el.detail.open) el.detail.showModal();
   }
 
   function negatives(labels) {
     const names = Object.entries(labels || {}).filter(([, v]) => v === 0).map(([n]) => n);
     return names.length ? names.sort().join(", ") : null;
+  }
+
+  // ---------------------------------------------------------------- findings
+
+  // Each classification gets a number per target; late answers of older ones are dropped.
+  const findingsSeq = { upload: 0, detail: 0 };
+
+  async function classifyInto(target, table, meta, request) {
+    const seq = ++findingsSeq[target];
+    table.tBodies[0].replaceChildren();
+    meta.textContent = "Classifying…";
+    try {
+      const answer = await request();
+      if (seq !== findingsSeq[target]) return;
+      renderFindings(table, meta, answer);
+    } catch (err) {
+      if (seq !== findingsSeq[target]) return;
+      meta.textContent = `No findings: ${err.detail || err.title}`;
+    }
+  }
+
+  // The findings panel belongs to the last dropped image: another kind of search hides it.
+  function hideUploadFindings() {
+    findingsSeq.upload += 1;
+    el.findings.hidden = true;
+  }
+
+  function classifyFile(file) {
+    const form = new FormData();
+    form.append("file", file, file.name);
+    el.findings.hidden = false;
+    classifyInto("upload", el.findingsTable, el.findingsMeta, () =>
+      apiJson("classify", { method: "POST", body: form }),
+    );
+  }
+
+  function classifyStored(imageId) {
+    classifyInto("detail", el.detailFindings, el.detailFindingsMeta, () =>
+      apiJson("classify", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ image_id: imageId }),
+      }),
+    );
+  }
+
+  function renderFindings(table, meta, answer) {
+    const findings = [...(answer.findings || [])].sort((a, b) => b.probability - a.probability);
+    const body = table.tBodies[0];
+    body.replaceChildren();
+    for (const finding of findings) {
+      const row = document.createElement("tr");
+      row.className = "finding";
+      row.dataset.finding = finding.name;
+      const name = document.createElement("th");
+      name.scope = "row";
+      name.textContent = finding.name;
+      const probability = document.createElement("td");
+      probability.className = "num";
+      const bar = document.createElement("meter");
+      bar.min = 0;
+      bar.max = 1;
+      bar.value = finding.probability;
+      bar.setAttribute("aria-hidden", "true");
+      const percent = document.createElement("span");
+      percent.className = "probability";
+      percent.textContent = `${(100 * finding.probability).toFixed(0)} %`;
+      probability.append(bar, percent);
+      const vote = document.createElement("td");
+      vote.className = "num";
+      const knn = finding.knn || {};
+      vote.textContent = knn.neighbours
+        ? `${Math.round(knn.positive_fraction * knn.neighbours)} of ${knn.neighbours} positive`
+        : "no labelled neighbours";
+      row.append(name, probability, vote);
+      body.append(row);
+    }
+    const set = answer.prompt_set || {};
+    meta.textContent =
+      `Prompt set ${set.id} v${set.version} · model ${shortId(answer.model_id)} · ` +
+      "a zero-shot estimate for orientation, not a diagnosis";
   }
 
   // ---------------------------------------------------------------- evaluation

@@ -71,28 +71,31 @@ class InitialBackbone:
         return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     @classmethod
-    def from_bundle(cls, bundle: EncoderBundle) -> InitialBackbone:
+    def from_bundle(cls, bundle: EncoderBundle, *, random_init: bool = False) -> InitialBackbone:
         """Rebuild ``bundle``'s image tower with its initial (pre-training) weights.
 
-        Raises :class:`EvaluationError` (``backbone_unavailable``) when the pretrained
-        weights cannot be loaded here (e.g. a transformers backbone whose files are gone).
+        ``random_init`` builds it with seeded random weights instead, whatever the config
+        says (the linear probe's lower baseline). Raises :class:`EvaluationError`
+        (``backbone_unavailable``) when the pretrained weights cannot be loaded here (e.g.
+        a transformers backbone whose files are gone).
         """
         from model.config import ModelConfig, config_from_dict
         from model.errors import ModelError
         from model.towers.image import build_image_tower
 
         image = config_from_dict(ModelConfig, bundle.config["model"]).image
+        pretrained = image.pretrained and not random_init
         description = {
             "tower": image.name,
             "path_or_id": image.path_or_id,
-            "weights": "pretrained" if image.pretrained else "random-init",
+            "weights": "pretrained" if pretrained else "random-init",
             "preprocessing": bundle.preprocessing.to_dict(),
         }
         try:
             # A random initialisation must not depend on the caller's RNG state.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_INIT_SEED)
-                tower = build_image_tower(image)
+                tower = build_image_tower(image, pretrained=pretrained)
         except (ModelError, OSError, ValueError) as exc:
             raise EvaluationError(
                 f"the initial {image.name} backbone cannot be built here: {exc}",

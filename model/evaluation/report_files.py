@@ -69,7 +69,7 @@ class ReportFiles:
     embedding_map: Path
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -238,8 +238,8 @@ def write_report(
         precision_plot=out / PRECISION_PLOT,
         embedding_map=out / MAP_PLOT,
     )
-    _write_atomic(files.json, json.dumps(document, indent=2, allow_nan=False) + "\n")
-    _write_atomic(files.markdown, markdown_summary(result, document))
+    write_atomic(files.json, json.dumps(document, indent=2, allow_nan=False) + "\n")
+    write_atomic(files.markdown, markdown_summary(result, document))
     _plot_precision(result, files.precision_plot)
     _plot_map(result, files.embedding_map, map_method, result.options.seed)
     logger.info("report written to %s", out)

@@ -192,21 +192,23 @@ class _Stopwatch:
         return time.perf_counter() - self.start
 
 
-def _check_stop(cancel: threading.Event | None) -> None:
+def check_stop(cancel: threading.Event | None) -> None:
+    """Raise :class:`EvaluationCancelled` once ``cancel`` is set (shared by every protocol)."""
     if cancel is not None and cancel.is_set():
         raise EvaluationCancelled("the evaluation was cancelled")
 
 
-def _hash_files(
+def hash_files(
     paths: Sequence[str],
     root: Path | None,
     where: dict[str, str],
     progress: ProgressCallback,
     cancel: threading.Event | None,
 ) -> list[str]:
+    """The sha256 of each image file (the cache key); ``image_missing`` for an unreadable one."""
     hashes = []
     for number, path in enumerate(paths):
-        _check_stop(cancel)
+        check_stop(cancel)
         try:
             data = resolve_image(root, path).read_bytes()
         except OSError as exc:
@@ -220,7 +222,7 @@ def _hash_files(
     return hashes
 
 
-def _embed_images(
+def embed_images(
     encoders: dict[str, Callable[[Sequence[np.ndarray], int], FloatArray]],
     paths: Sequence[str],
     hashes: Sequence[str],
@@ -255,7 +257,7 @@ def _embed_images(
         len(todo),
     )
     for start in range(0, len(todo), batch_size):
-        _check_stop(cancel)
+        check_stop(cancel)
         batch = todo[start : start + batch_size]
         pixels = []
         for key in batch:
@@ -318,7 +320,7 @@ def _embed_protocol_images(
     where: dict[str, str] = {}
     for item in protocol.images():
         where.setdefault(item.path, item.where)
-    hashes = _hash_files(paths, image_root, where, report, cancel)
+    hashes = hash_files(paths, image_root, where, report, cancel)
     spaces = {MODEL: encoder.model_id}
     encoders: dict[str, Callable[[Sequence[np.ndarray], int], FloatArray]] = {
         MODEL: lambda images, size: encoder.encode_images(images, batch_size=size)
@@ -328,7 +330,7 @@ def _embed_protocol_images(
         encoders[BACKBONE] = lambda images, size: backbone.image_backbone_features(
             images, batch_size=size
         )
-    return _embed_images(
+    return embed_images(
         encoders,
         paths,
         hashes,
@@ -428,7 +430,7 @@ def run_evaluation(
     def rows(items: Sequence[Any]) -> npt.NDArray[np.int64]:
         return np.array([row[item.path] for item in items], dtype=np.int64)
 
-    _check_stop(cancel)
+    check_stop(cancel)
     report(0.95, "scoring")
     image_candidates = rows(protocol.image_candidates)
     image_queries = rows(protocol.image_queries)

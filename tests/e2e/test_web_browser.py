@@ -231,3 +231,80 @@ def test_latest_evaluation_is_shown(page: Any, live_service: LiveService) -> Non
     assert f"Run {run_id}" in section.locator("#evaluation-meta").inner_text()
     page.screenshot(path=str(screenshot_dir() / "evaluation.png"), full_page=True)
     assert page.errors == []
+
+
+def _findings_shown(page: Any, table: str) -> dict[str, tuple[str, str]]:
+    rows = page.locator(f"{table} tr.finding")
+    rows.first.wait_for(timeout=WAIT_MS)
+    shown: dict[str, tuple[str, str]] = {}
+    for index in range(rows.count()):
+        row = rows.nth(index)
+        cells = row.locator("td").all_inner_texts()
+        shown[row.get_attribute("data-finding") or ""] = (cells[0].strip(), cells[1].strip())
+    return shown
+
+
+def _findings_expected(answer: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    expected = {}
+    for finding in answer["findings"]:
+        knn = finding["knn"]
+        vote = (
+            f"{round(knn['positive_fraction'] * knn['neighbours'])} of {knn['neighbours']} positive"
+            if knn["neighbours"]
+            else "no labelled neighbours"
+        )
+        expected[finding["name"]] = (f"{100 * finding['probability']:.0f} %", vote)
+    return expected
+
+
+def test_findings_are_shown_for_an_upload_and_in_details(
+    page: Any, live_service: LiveService
+) -> None:
+    open_page(page, live_service, key=live_service.api_key)
+    image_id, study = next(iter(live_service.ids.items()))
+    page.locator("#file").set_input_files(str(study.image_path))
+    shown = _findings_shown(page, "#findings-table")
+    with live_service.client() as client:
+        uploaded = client.post(
+            "/classify", files={"file": (study.image_path.name, study.image_path.read_bytes())}
+        ).json()
+        stored = client.post("/classify", json={"image_id": image_id}).json()
+    assert shown == _findings_expected(uploaded)
+    # Listed from the most to the least probable finding.
+    order = [
+        name
+        for name, _ in sorted(
+            ((f["name"], f["probability"]) for f in uploaded["findings"]), key=lambda f: -f[1]
+        )
+    ]
+    names = page.locator("#findings-table tr.finding").evaluate_all(
+        "rows => rows.map(r => r.dataset.finding)"
+    )
+    assert names == order
+    assert "chexpert-14" in page.locator("#findings-meta").inner_text()
+
+    page.locator(".result-button").first.wait_for(timeout=WAIT_MS)
+    assert result_ids(page)[0] == image_id
+    page.locator(".result-button").first.click()
+    page.get_by_role("dialog").wait_for(state="visible", timeout=WAIT_MS)
+    assert _findings_shown(page, "#detail-findings") == _findings_expected(stored)
+    page.screenshot(path=str(screenshot_dir() / "findings.png"), full_page=True)
+    assert page.errors == []
+
+
+def test_a_text_search_hides_the_findings_of_the_last_image(
+    page: Any, live_service: LiveService
+) -> None:
+    open_page(page, live_service, key=live_service.api_key)
+    _, study = next(iter(live_service.ids.items()))
+    page.locator("#file").set_input_files(str(study.image_path))
+    _findings_shown(page, "#findings-table")
+    assert page.locator("#findings").is_visible()
+    page.get_by_label("Describe a finding").fill("cardiomegaly")
+    page.get_by_role("button", name="Search", exact=True).click()
+    page.wait_for_function(
+        "() => document.querySelector('#results-summary').textContent.includes('cardiomegaly')",
+        timeout=WAIT_MS,
+    )
+    assert page.locator("#findings").is_hidden()
+    assert page.errors == []
