@@ -1,4 +1,5 @@
-"""Shared pieces of the trainer, bundle and DDP tests: tiny towers and a synthetic corpus.
+"""Plain helpers of the trainer, bundle and DDP tests: tiny towers, a tiny config and a
+manifest of unique sentences (the fixtures built from them are in ``conftest.py``).
 
 The tiny towers are real transformers models (a two-stage ResNet and a two-layer BERT with
 the MiniLM tokenizer) saved to local directories with random weights, so the trainer runs
