@@ -11,11 +11,16 @@ it alive. The file is parsed, never imported or run.
 import faiss
 from pydantic import BaseModel
 
+from app.api.classify import FindingPublic
 from app.models import Base, EncoderModel, Image, UTCDateTime
 from app.schemas import ImageRecord, SearchPublic, UploadResponse
+from app.services.budget import PixelBudget
 from index.faiss_index import VectorIndex
 from index.manifest import IndexManifest
+from model.data.synthetic.anatomy import Geometry
+from model.inputs.reports import IUReport
 from model.loss import ConVIRTLoss
+from model.training.data import EpochBatchSampler
 
 # torch calls it when it prints a module.
 ConVIRTLoss.extra_repr
@@ -52,3 +57,25 @@ VectorIndex.tombstones
 
 # FAISS reads the removal selector off the search parameters it is handed.
 faiss.SearchParametersHNSW.sel
+
+# Response fields read by clients, filled by keyword.
+FindingPublic.knn
+
+# Parsed fields of an IU X-ray report and of a synthetic study's geometry: kept whole
+# for whoever inspects a record or a drawing (the synthetic tests measure the drawing
+# against this geometry), though the pipeline reads only some of them.
+IUReport.report_id
+IUReport.mesh_automatic
+Geometry.heart_width
+Geometry.thorax_width
+Geometry.heart_row
+Geometry.midline_x
+Geometry.costophrenic_angles
+Geometry.diaphragm_domes
+
+# The sampler's statement of which samples make one global batch: the oracle that the
+# distributed tests hold every process's shard against.
+EpochBatchSampler.global_batch
+
+# The pixels held now: what the budget tests and an operator's debugger read.
+PixelBudget.in_use

@@ -32,6 +32,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from app.errors import AppError
+from model.inputs.decode import DEFAULT_MAX_ASPECT_RATIO
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -96,7 +97,7 @@ class Settings(BaseSettings):
         default=8192 * 8192, gt=0, description="width × height above which a decode is refused"
     )
     max_aspect_ratio: float = Field(
-        default=4.0,
+        default=DEFAULT_MAX_ASPECT_RATIO,
         ge=1.0,
         description="longer side over shorter side above which an image is refused (422)",
     )

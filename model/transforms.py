@@ -200,16 +200,6 @@ class EvalTransform:
         return cls(size, resize=resize, mean=mean, std=std)
 
 
-def preprocessing_dict(transform: EvalTransform) -> dict[str, Any]:
-    """The bundle's JSON preprocessing entry for ``transform`` (its ``to_dict()``)."""
-    return transform.to_dict()
-
-
-def preprocessing_from_dict(data: Mapping[str, Any]) -> EvalTransform:
-    """The eval transform described by a bundle's JSON preprocessing entry."""
-    return EvalTransform.from_dict(data)
-
-
 def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur (σ in pixels) of an (H, W) image, reflecting at the borders."""
     if sigma <= 0:

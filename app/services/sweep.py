@@ -114,6 +114,11 @@ def sweep_orphans(
                 continue
             for path in by_hash[digest]:
                 _remove(path, cutoff, report)
-    if report.files:
-        logger.info("orphan sweep removed %d files (%d bytes)", report.files, report.bytes)
+    if report.files or report.spared:
+        logger.info(
+            "orphan sweep removed %d files (%d bytes), spared %d young or rewritten ones",
+            report.files,
+            report.bytes,
+            report.spared,
+        )
     return report

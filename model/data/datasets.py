@@ -6,7 +6,6 @@ adapter that reads the source's own layout:
 - :func:`manifest_records` — the project's CSV/JSONL manifest (:mod:`model.data.manifest`);
 - :func:`mimic_cxr_records` — MIMIC-CXR-JPG images with the MIMIC-CXR report text files;
 - :func:`iu_xray_records` — IU X-ray / Open-i PNG images with their ``ecgen-radiology`` XML;
-- :func:`chexpert_records` — CheXpert's ``train.csv``/``valid.csv``, label-only (no reports).
 
 :func:`split_by_patient` splits records so that no patient is in two splits. The trainer's
 torch dataset over these records is :class:`model.training.data.PairDataset`.
@@ -20,7 +19,6 @@ import hashlib
 import io
 import logging
 import os
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -276,77 +274,6 @@ def _index_images(folder: Path) -> dict[str, Path]:
 
 def _natural_key(path: Path) -> tuple[int, str]:
     return (int(path.stem), "") if path.stem.isdigit() else (-1, path.stem)
-
-
-# --------------------------------------------------------------------------- CheXpert
-
-_CHEXPERT_FOLDERS: Final = ("CheXpert-v1.0-small", "CheXpert-v1.0")
-_CHEXPERT_PATIENT_RE = re.compile(r"(?:^|/)(patient\d+)/(study\d+)/")
-_CHEXPERT_SPLITS: Final = {"train.csv": "train", "valid.csv": "validate", "test.csv": "test"}
-
-
-def chexpert_records(
-    root: str | os.PathLike[str],
-    csv_name: str = "train.csv",
-    *,
-    frontal_only: bool = False,
-    check_images: bool = True,
-) -> list[PairedRecord]:
-    """Records of CheXpert's ``train.csv``/``valid.csv``: labels only, every report ``""``.
-
-    CheXpert ships no report text, so these records serve evaluation (e.g. the 8x200
-    retrieval protocol) and label-only use, never contrastive training. ``root`` is the
-    folder that contains ``CheXpert-v1.0-small/`` (or ``CheXpert-v1.0/``), or that folder
-    itself; the CSV's ``Path`` column is relative to the former. Labels keep -1.0
-    (uncertain); blank cells are None. ``patient_id`` is ``patientNNNNN`` and
-    ``study_id`` ``patientNNNNN/studyN`` (CheXpert numbers studies per patient).
-    ``view_position`` is the ``AP/PA`` value of frontal images and ``LATERAL`` otherwise.
-    ``split`` follows the file: train.csv → train, valid.csv → validate. Images not on
-    disk are skipped with a logged count unless ``check_images`` is off.
-    """
-    base, table = _chexpert_table(Path(root), csv_name)
-    split = _CHEXPERT_SPLITS.get(csv_name)
-    records: list[PairedRecord] = []
-    skipped: Counter[str] = Counter()
-    columns = ("Path", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS)
-    for where, row in _rows(table, columns):
-        relative = row["Path"].strip()
-        match = _CHEXPERT_PATIENT_RE.search(relative)
-        if match is None:
-            raise ManifestError(f"{where}: Path {relative!r} has no patientNNNNN/studyN part")
-        frontal = row["Frontal/Lateral"].strip().lower() == "frontal"
-        if frontal_only and not frontal:
-            skipped["not a frontal view"] += 1
-            continue
-        image = base / relative
-        if check_images and not image.is_file():
-            skipped["image not on disk"] += 1
-            continue
-        records.append(
-            PairedRecord(
-                image_path=image,
-                report="",
-                labels=_label_columns(row, where),
-                patient_id=match.group(1),
-                study_id=f"{match.group(1)}/{match.group(2)}",
-                split=split,
-                view_position=(row["AP/PA"].strip() or None) if frontal else "LATERAL",
-            )
-        )
-    _log_skipped("CheXpert", skipped)
-    logger.info("CheXpert: %d label-only records from %s", len(records), table)
-    return records
-
-
-def _chexpert_table(root: Path, csv_name: str) -> tuple[Path, Path]:
-    if root.name in _CHEXPERT_FOLDERS and (root / csv_name).is_file():
-        return root.parent, root / csv_name
-    for folder in _CHEXPERT_FOLDERS:
-        if (root / folder / csv_name).is_file():
-            return root, root / folder / csv_name
-    raise ManifestError(
-        f"{root}: no {csv_name} in {' or '.join(_CHEXPERT_FOLDERS)} (nor is {root} one of them)"
-    )
 
 
 # --------------------------------------------------------------------------- tables

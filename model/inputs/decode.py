@@ -334,7 +334,7 @@ def _meta_transfer_syntax(data: bytes, has_preamble: bool) -> str | None:
             io.BytesIO(data[start:]),
             False,
             True,
-            stop_when=lambda tag, vr, length: tag.group != 0x0002,
+            stop_when=lambda tag, _vr, _length: tag.group != 0x0002,
         ):
             if elem.tag == 0x00020010:
                 value = elem.value

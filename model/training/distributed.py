@@ -133,7 +133,7 @@ class StopFlag:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.signal is not None:
             self.restore()
             raise KeyboardInterrupt

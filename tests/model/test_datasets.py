@@ -6,9 +6,7 @@ import csv
 import gzip
 import logging
 import random
-import shutil
 import tarfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,6 @@ from PIL import Image
 
 from model.data.datasets import (
     PatientLeakError,
-    chexpert_records,
     iu_mesh_labels,
     iu_xray_records,
     manifest_records,
@@ -298,70 +295,6 @@ def test_iu_layout_errors(tmp_path: Path) -> None:
 def test_iu_mesh_labels(mesh: list[str], labels: dict[str, float]) -> None:
     assert iu_mesh_labels(mesh) == labels
     assert set(labels) <= set(CHEXPERT_LABELS)
-
-
-# --------------------------------------------------------------------------- CheXpert
-
-CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS]
-
-
-def test_chexpert_records_from_the_real_8x200_candidate_table(
-    shared_dir: Path, tmp_path: Path
-) -> None:
-    source = shared_dir / "protocols" / "chexpert-8x200" / "image-retrieval" / "candidate.csv"
-    (tmp_path / "CheXpert-v1.0-small").mkdir()
-    shutil.copy(source, tmp_path / "CheXpert-v1.0-small" / "train.csv")
-    records = chexpert_records(tmp_path, check_images=False)
-
-    with source.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert len(records) == len(rows) == 1600
-    for record, row in zip(records, rows, strict=True):
-        assert record.image_path == tmp_path / row["Path"]
-        assert record.report == ""
-        assert record.split == "train"
-        assert record.view_position == row["AP/PA"]
-        assert record.patient_id == row["Path"].split("/")[2]
-        assert record.study_id == "/".join(row["Path"].split("/")[2:4])
-        for name in CHEXPERT_LABELS:
-            assert record.labels[name] == (float(row[name]) if row[name] else None)
-    # 8 categories × 200 candidates, each positive for its category.
-    positives = Counter(name for r in records for name, v in r.labels.items() if v == 1.0)
-    assert all(positives[name] >= 200 for name in ("Atelectasis", "Cardiomegaly", "Fracture"))
-
-
-def test_chexpert_uncertain_blank_lateral_and_missing_images(tmp_path: Path) -> None:
-    folder = tmp_path / "CheXpert-v1.0-small"
-    rows = []
-    for path, view, ap_pa, cardio in [
-        ("valid/patient64541/study1/view1_frontal.jpg", "Frontal", "AP", "-1.0"),
-        ("valid/patient64541/study1/view2_lateral.jpg", "Lateral", "", "1.0"),
-        ("valid/patient64542/study1/view1_frontal.jpg", "Frontal", "PA", ""),
-    ]:
-        rows.append([f"CheXpert-v1.0-small/{path}", "Male", "73", view, ap_pa])
-        rows[-1] += [cardio if name == "Cardiomegaly" else "0.0" for name in CHEXPERT_LABELS]
-    _write_csv(folder / "valid.csv", CHEXPERT_HEADER, rows)
-    _image(folder / "valid/patient64541/study1/view1_frontal.jpg")
-    _image(folder / "valid/patient64541/study1/view2_lateral.jpg")
-
-    records = chexpert_records(folder, "valid.csv")  # the CheXpert folder itself works too
-    assert [r.labels["Cardiomegaly"] for r in records] == [-1.0, 1.0]
-    assert [r.view_position for r in records] == ["AP", "LATERAL"]
-    assert {r.split for r in records} == {"validate"}
-    assert records[0].image_path == folder / "valid/patient64541/study1/view1_frontal.jpg"
-    assert len(chexpert_records(tmp_path, "valid.csv", frontal_only=True)) == 1
-    unchecked = chexpert_records(tmp_path, "valid.csv", check_images=False)
-    assert unchecked[2].labels["Cardiomegaly"] is None
-
-    with pytest.raises(ManifestError, match=r"no train\.csv"):
-        chexpert_records(tmp_path)
-    rows[0][0] = "CheXpert-v1.0-small/valid/view1_frontal.jpg"
-    _write_csv(folder / "valid.csv", CHEXPERT_HEADER, rows)
-    with pytest.raises(ManifestError, match="line 2: Path"):
-        chexpert_records(tmp_path, "valid.csv")
-
-
-# --------------------------------------------------------------------------- splits
 
 
 def _patients(n: int, per_patient: int = 3, split: str | None = None) -> list[PairedRecord]:

@@ -22,8 +22,6 @@ from model.transforms import (
     TrainTransform,
     affine_transform,
     gaussian_blur,
-    preprocessing_dict,
-    preprocessing_from_dict,
 )
 
 #: Every augmentation off: the train transform must reduce to the eval framing.
@@ -114,9 +112,9 @@ def test_eval_is_deterministic_picklable_and_stacks(shared_dir: Path) -> None:
 
 def test_preprocessing_dict_round_trips_through_json() -> None:
     transform = EvalTransform(256, resize=300, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    data = json.loads(json.dumps(preprocessing_dict(transform)))
+    data = json.loads(json.dumps(transform.to_dict()))
     assert data["channels"] == "repeat"
-    restored = preprocessing_from_dict(data)
+    restored = EvalTransform.from_dict(data)
     assert restored == transform
     image = _pattern()
     assert torch.equal(restored(image), transform(image))
@@ -135,7 +133,7 @@ def test_preprocessing_dict_round_trips_through_json() -> None:
 )
 def test_bad_preprocessing_dicts_are_rejected(data: dict[str, object]) -> None:
     with pytest.raises(InvalidConfigError):
-        preprocessing_from_dict(data)
+        EvalTransform.from_dict(data)
 
 
 @pytest.mark.parametrize(
