@@ -6,15 +6,75 @@ its labels, its report text and the caller's own study reference.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from app.api.problems import Problem
 
+#: Longest label (observation) name; CheXpert's longest is 26 characters.
+MAX_LABEL_NAME_CHARS: Final = 64
+#: Most labels one image, or one label filter, may carry.
+MAX_LABELS: Final = 64
+#: Largest id of an image or a run: ids are signed 64-bit integers in the database.
+MAX_ID: Final = 2**63 - 1
+
 LabelValue = float | None
 Labels = dict[str, LabelValue]
+LabelName = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_LABEL_NAME_CHARS, strict=True)
+]
+
+
+def is_label_value(value: Any) -> bool:
+    """Whether a client's label value is the JSON number 1, 0 or -1, or null.
+
+    ``true`` and ``"1"`` are not: pydantic's lax mode would read both as 1.0.
+    """
+    if value is None:
+        return True
+    return type(value) in (int, float) and value in (1, 0, -1)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON-like value, keys included; iterative, so depth cannot overflow."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether any string in ``value`` holds a UTF-16 surrogate (``"\\ud800"`` in JSON).
+
+    JSON may spell one as an escape, but no UTF-8 text, tokenizer or database can hold it.
+    """
+    return any(
+        any("\ud800" <= ch <= "\udfff" for ch in text)
+        for text in _strings(value)
+        if not text.isascii()
+    )
+
+
+class RequestModel(BaseModel):
+    """Base of the JSON request bodies: no unknown fields, no lone surrogates in any string."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        if has_lone_surrogate(data):
+            raise ValueError("text holds a lone UTF-16 surrogate, which is not valid Unicode")
+        return data
 
 
 class ImageCreate(BaseModel):
@@ -76,10 +136,8 @@ class UploadResponse(BaseModel):
     failed: int
 
 
-class SearchFilters(BaseModel):
+class SearchFilters(RequestModel):
     """Restrict hits to images whose metadata match every given condition."""
-
-    model_config = ConfigDict(extra="forbid")
 
     view_position: list[Annotated[str, StringConstraints(min_length=1, max_length=32)]] | None = (
         Field(
@@ -89,30 +147,29 @@ class SearchFilters(BaseModel):
             examples=[["PA", "AP"]],
         )
     )
-    labels: dict[str, float] | None = Field(
+    labels: dict[LabelName, float] | None = Field(
         default=None,
         min_length=1,
+        max_length=MAX_LABELS,
         description="Keep images whose label equals the value for every name given.",
         examples=[{"Cardiomegaly": 1}],
     )
 
 
-class TextSearchCreate(BaseModel):
+class TextSearchCreate(RequestModel):
     """``POST /search/text``: a free-text query."""
-
-    model_config = ConfigDict(extra="forbid")
 
     query: str = Field(description="Free text, e.g. 'blunting of the costophrenic angles'.")
     k: int = Field(default=10, description="Number of hits wanted, 1 to the service's k_max.")
     filters: SearchFilters | None = None
 
 
-class ImageSearchCreate(BaseModel):
+class ImageSearchCreate(RequestModel):
     """``POST /search/image`` as JSON: search with an image already stored."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    image_id: int = Field(description="Id of a stored image; it is left out of its own hits.")
+    image_id: int = Field(
+        ge=1, le=MAX_ID, description="Id of a stored image; it is left out of its own hits."
+    )
     k: int = Field(default=10, description="Number of hits wanted, 1 to the service's k_max.")
     filters: SearchFilters | None = None
 

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 from fastapi import Request
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.problems import problem_response, to_problem
 from app.errors import ProblemError, ProblemFieldError
+from app.schemas import (
+    MAX_LABEL_NAME_CHARS,
+    MAX_LABELS,
+    LabelName,
+    has_lone_surrogate,
+    is_label_value,
+)
 
 #: Bytes read from an upload per step: bounded memory whatever the file's size.
 CHUNK_BYTES: Final = 1024 * 1024
 
-_labels_adapter: TypeAdapter[dict[str, float | None]] = TypeAdapter(dict[str, float | None])
+_labels_adapter: TypeAdapter[dict[str, Any]] = TypeAdapter(
+    Annotated[dict[LabelName, Any], Field(max_length=MAX_LABELS)]
+)
 
 
 async def read_upload(upload: UploadFile, limit: int) -> bytes:
@@ -107,21 +116,31 @@ def field_problem(loc: list[str | int], msg: str, kind: str) -> ProblemError:
 
 
 def parse_labels(raw: str, loc: list[str | int]) -> dict[str, float | None]:
-    """A labels form field: a JSON object of name → 1, 0, -1 or null."""
+    """A labels form field: a JSON object of up to 64 names (1 to 64 characters each) → the
+    numbers 1, 0, -1 or null. ``true`` and ``"1"`` are refused, not read as 1.
+    """
     try:
-        labels = _labels_adapter.validate_json(raw)
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise field_problem(loc, "labels must be valid JSON", "json_invalid") from exc
+    if has_lone_surrogate(parsed):
+        raise field_problem(loc, "labels hold a lone UTF-16 surrogate", "string_unicode")
+    message = (
+        f"labels must be a JSON object of at most {MAX_LABELS} names of 1 to "
+        f"{MAX_LABEL_NAME_CHARS} characters, each → the number 1, 0 or -1, or null"
+    )
+    try:
+        labels = _labels_adapter.validate_python(parsed)
     except ValidationError as exc:
-        raise field_problem(
-            loc, "labels must be a JSON object of name → number or null", "json_invalid"
-        ) from exc
-    for name, value in labels.items():
-        if value is not None and value not in (1.0, 0.0, -1.0):
-            raise field_problem(loc, f"label {name!r} must be 1, 0, -1 or null", "value_error")
-    return labels
+        raise field_problem(loc, message, "value_error") from exc
+    if not all(is_label_value(value) for value in labels.values()):
+        raise field_problem(loc, message, "value_error")
+    return {name: None if value is None else float(value) for name, value in labels.items()}
 
 
 def parse_json_field(raw: str, loc: list[str | int]) -> Any:
     try:
         return json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: nesting deeper than the parser's recursion allows.
         raise field_problem(loc, "not valid JSON", "json_invalid") from exc

@@ -39,10 +39,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import ProblemError
 from app.models import CachedEmbedding, EvaluationRun, Image, utcnow
+from app.services.evaluation_inputs import confine, confine_images
 from app.services.runtime import Runtime
 from model.errors import ModelError
 from model.evaluation.baseline import InitialBackbone
 from model.evaluation.protocol import (
+    CANDIDATE_FILE,
+    IMAGE_DIR,
+    QUERY_FILE,
+    TEXT_DIR,
     RetrievalProtocol,
     TextQuery,
     find_protocol_dir,
@@ -255,12 +260,23 @@ class EvaluationJobs:
     def _protocol(
         self, runtime: Runtime, request: EvaluationRequest
     ) -> tuple[RetrievalProtocol, Path | None]:
+        # Every path is confined to the evaluation roots before the file is opened.
+        roots = runtime.settings.evaluation_roots
         if request.protocol == "chexpert-8x200":
             if not request.root:
                 raise ProblemError(422, "invalid_request", "chexpert-8x200 needs the CheXpert root")
-            chexpert_root = Path(request.root)
-            protocol_dir = request.protocol_dir or find_protocol_dir(chexpert_root)
+            chexpert_root = confine(request.root, roots, "CheXpert root")
+            if request.protocol_dir:
+                protocol_dir = confine(request.protocol_dir, roots, "protocol folder")
+            else:
+                protocol_dir = confine(find_protocol_dir(chexpert_root), roots, "protocol folder")
+            for folder in (IMAGE_DIR, TEXT_DIR):
+                for name in (CANDIDATE_FILE, QUERY_FILE):
+                    confine(protocol_dir / folder / name, roots, f"protocol file {folder}/{name}")
             official = read_chexpert_8x200(protocol_dir)
+            confine_images(
+                ((item.path, item.where) for item in official.images()), chexpert_root, roots
+            )
             validate_protocol(official, chexpert_root)
             return official, chexpert_root
         categories = list(request.categories or ())
@@ -280,7 +296,14 @@ class EvaluationJobs:
         if request.protocol == "manifest":
             if not request.manifest:
                 raise ProblemError(422, "invalid_request", "the manifest protocol needs a manifest")
-            images = manifest_images(request.manifest)
+            manifest = confine(request.manifest, roots, "manifest")
+            images = manifest_images(str(manifest))
+            # A record's "where" names its file; outside the roots that must not be echoed.
+            confine_images(
+                ((image.path, f"manifest record {n}") for n, image in enumerate(images, 1)),
+                None,
+                roots,
+            )
             root = None
         else:
             images = self._stored_images(runtime.sessions)
