@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Any, Final
 
 import anyio
 from fastapi import Depends, FastAPI
@@ -35,6 +35,7 @@ from app.security import (
     ApiKeyMiddleware,
     RequestGuardMiddleware,
     SecurityHeadersMiddleware,
+    document_guards,
     encode_keys,
     require_api_key,
 )
@@ -109,6 +110,19 @@ async def _maintenance_loop(app: FastAPI, settings: Settings, bundle: EncoderBun
             logger.exception("index maintenance failed")
 
 
+def _document_guards(app: FastAPI) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        first = app.openapi_schema is None
+        schema = generate()
+        if first:
+            document_guards(schema, PUBLIC_PATHS)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None = None) -> FastAPI:
     """The service for ``settings`` (``Settings()`` from the environment when omitted).
 
@@ -161,6 +175,7 @@ def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None
         return JSONResponse(app.openapi())
 
     install_problem_handlers(app)
+    _document_guards(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     # The web page and its assets are open: the page is where a user enters the key (issue 7).
     public_paths = (*PUBLIC_PATHS, *web_page.PUBLIC_PATHS, *docs_page.PUBLIC_PATHS)

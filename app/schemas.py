@@ -13,6 +13,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from app.api.problems import Problem
+from index import MAX_K
 
 #: Longest label (observation) name; CheXpert's longest is 26 characters.
 MAX_LABEL_NAME_CHARS: Final = 64
@@ -160,7 +161,12 @@ class TextSearchCreate(RequestModel):
     """``POST /search/text``: a free-text query."""
 
     query: str = Field(description="Free text, e.g. 'blunting of the costophrenic angles'.")
-    k: int = Field(default=10, description="Number of hits wanted, 1 to the service's k_max.")
+    k: int = Field(
+        default=10,
+        # Documented, not validated here: the route checks it against k_max (invalid_k).
+        json_schema_extra={"minimum": 1, "maximum": MAX_K},
+        description="Number of hits wanted, 1 to the service's k_max.",
+    )
     filters: SearchFilters | None = None
 
 
@@ -170,7 +176,12 @@ class ImageSearchCreate(RequestModel):
     image_id: int = Field(
         ge=1, le=MAX_ID, description="Id of a stored image; it is left out of its own hits."
     )
-    k: int = Field(default=10, description="Number of hits wanted, 1 to the service's k_max.")
+    k: int = Field(
+        default=10,
+        # Documented, not validated here: the route checks it against k_max (invalid_k).
+        json_schema_extra={"minimum": 1, "maximum": MAX_K},
+        description="Number of hits wanted, 1 to the service's k_max.",
+    )
     filters: SearchFilters | None = None
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
@@ -32,7 +32,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.problems import problem_response, to_problem
+from app.api.problems import problem_response, problem_responses, to_problem
 from app.errors import ProblemError
 
 logger = logging.getLogger(__name__)
@@ -265,3 +265,22 @@ class SecurityHeadersMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def document_guards(schema: dict[str, Any], exempt_paths: Sequence[str]) -> None:
+    """Add the guards' answers to an OpenAPI document, in place.
+
+    Every operation outside ``exempt_paths`` may answer 400 (a Host that is not allowed,
+    or a body that cannot be parsed at all), and every unsafe one 403 (another origin
+    without a key).
+    """
+    for path, item in schema.get("paths", {}).items():
+        if path in exempt_paths:
+            continue
+        for method, operation in item.items():
+            if not isinstance(operation, dict):
+                continue
+            statuses = [400] if method.upper() in SAFE_METHODS else [400, 403]
+            responses = operation.setdefault("responses", {})
+            for status, entry in problem_responses(*statuses).items():
+                responses.setdefault(str(status), entry)

@@ -165,7 +165,12 @@ def _image_search_openapi() -> dict[str, Any]:
                                 "format": "binary",
                                 "description": "A DICOM, PNG or JPEG image (not stored).",
                             },
-                            "k": {"type": "integer", "default": 10},
+                            "k": {
+                                "type": "integer",
+                                "default": 10,
+                                "minimum": 1,
+                                "maximum": MAX_K,
+                            },
                             "filters": {
                                 **filters_schema,
                                 "description": "SearchFilters as a JSON string.",
