@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -56,7 +56,7 @@ def api_schema(
     app = create_app(settings, bundle=bundle)
     # Loading the document starts the app's lifespan; it is stopped after the module.
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers={"X-API-Key": KEY})
-    with asgi.get_client(app) as client:
+    with asgi.get_client(cast(Any, app)) as client:
         for seed in range(4):
             response = client.post(
                 f"http://{asgi.HOST}/images",
