@@ -19,16 +19,18 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 import pydicom
 from PIL import Image
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.multival import MultiValue
@@ -56,6 +58,10 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI = b"\xff\xd8\xff"
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+_PIXEL_DATA: Final = 0x7FE00010
+#: Sequence Delimitation Item (FFFE,E0DD) with its zero length: closes encapsulated pixels.
+_SEQUENCE_DELIMITER: Final = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_UNDEFINED_LENGTH: Final = 0xFFFFFFFF
 # SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range.
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Markers without a length field: TEM and RST0..RST7.
@@ -237,12 +243,13 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
     except MemoryError:
         raise
     except Exception as exc:  # pydicom raises many unrelated types on malformed input
-        raise CorruptImageError(f"unreadable DICOM: {exc}") from exc
+        raise CorruptImageError(f"unreadable DICOM: {_reason(exc)}") from exc
 
     if "PixelData" not in ds and _PIXEL_DATA_TAG in data:
         # pydicom silently drops an encapsulated PixelData cut off before its sequence
         # delimiter (it only warns): the tag in the bytes shows the pixels were there.
         raise CorruptImageError("DICOM pixel data is unreadable: the file looks truncated")
+    _check_complete(ds, data)
     try:
         rows, columns, bits_stored, photometric = _check_dicom_header(ds, max_pixels)
         raw = _dicom_pixels(ds, rows, columns)
@@ -252,7 +259,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
     except MemoryError:
         raise
     except Exception as exc:  # malformed attribute values surface as assorted errors
-        raise CorruptImageError(f"malformed DICOM image attributes: {exc}") from exc
+        raise CorruptImageError(f"malformed DICOM image attributes: {_reason(exc)}") from exc
     meta = ImageMeta(
         source_format="dicom",
         width=columns,
@@ -263,6 +270,44 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
         modality=_dicom_text(ds, "Modality"),
     )
     return DecodedImage(pixels=pixels, meta=meta)
+
+
+_OBJECT_REPR: Final = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _reason(exc: BaseException) -> str:
+    """A decoder's message for a client: object reprs (``<_io.BytesIO object at 0x…>``,
+    which say nothing and leak addresses) are dropped."""
+    return " ".join(_OBJECT_REPR.sub("", str(exc)).split()) or type(exc).__name__
+
+
+def _check_complete(ds: Dataset, data: bytes) -> None:
+    """Refuse a file cut short: pydicom reads a value that ends early without complaint.
+
+    A top-level element whose value holds fewer bytes than its header declares, or
+    encapsulated pixel data without its closing sequence delimiter, means bytes are
+    missing, even when what is left still decodes to an image.
+    """
+    for element in ds._dict.values():  # raw elements: their values are not parsed yet
+        if (
+            isinstance(element, RawDataElement)
+            and element.value is not None
+            and element.length != _UNDEFINED_LENGTH
+            and len(element.value) < element.length
+        ):
+            raise CorruptImageError(
+                f"DICOM element ({element.tag.group:04X},{element.tag.element:04X}) has "
+                f"{len(element.value)} of its {element.length} bytes: the file is truncated"
+            )
+    pixel_data = ds._dict.get(_PIXEL_DATA)
+    if (
+        isinstance(pixel_data, RawDataElement)
+        and pixel_data.length == _UNDEFINED_LENGTH
+        and data.rfind(_SEQUENCE_DELIMITER) < data.rfind(_PIXEL_DATA_TAG)
+    ):
+        raise CorruptImageError(
+            "DICOM pixel data lacks its closing delimiter: the file is truncated"
+        )
 
 
 def _meta_transfer_syntax(data: bytes, has_preamble: bool) -> str | None:
@@ -352,7 +397,7 @@ def _dicom_pixels(ds: Dataset, rows: int, columns: int) -> npt.NDArray[Any]:
     except MemoryError:
         raise
     except Exception as exc:  # codec plugins raise their own types on broken streams
-        raise CorruptImageError(f"cannot decode DICOM pixel data: {exc}") from exc
+        raise CorruptImageError(f"cannot decode DICOM pixel data: {_reason(exc)}") from exc
     if raw.shape != (rows, columns):
         raise CorruptImageError(f"DICOM pixel data has shape {raw.shape}, not ({rows}, {columns})")
     return raw
@@ -526,11 +571,11 @@ def _decode_raster(data: bytes, fmt: Literal["png", "jpeg"], max_pixels: int) ->
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image refused by Pillow's size limit: {exc}") from exc
+        raise ImageTooLargeError(f"image refused by Pillow's size limit: {_reason(exc)}") from exc
     except MemoryError:
         raise
     except Exception as exc:  # Pillow raises OSError, SyntaxError, zlib.error, ...
-        raise CorruptImageError(f"cannot decode {fmt.upper()}: {exc}") from exc
+        raise CorruptImageError(f"cannot decode {fmt.upper()}: {_reason(exc)}") from exc
     meta = ImageMeta(
         source_format=fmt,
         width=header.width,

@@ -18,7 +18,13 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from model.bundle import EncoderBundle
-from tests.app.service_support import is_problem, make_settings, noise_png, running_app, upload
+from tests.app.service_support import (
+    is_problem,
+    make_settings,
+    noise_png,
+    running_app,
+    upload,
+)
 
 KEY = "k" * 24
 LOOPBACK = ["localhost", "127.0.0.1", "[::1]"]
@@ -376,3 +382,133 @@ def test_relative_evaluation_paths_start_at_the_first_root(
         response = client.post("/evaluations", json=body)
         assert response.status_code == 202, response.text
         assert client.app.state.evaluations.wait(120)  # type: ignore[attr-defined]
+
+
+# -- defect 11: truncated DICOMs and decoder messages -------------------------------------
+
+
+def _png_with_ihdr(color_type: int, bit_depth: int) -> bytes:
+    """A complete PNG (valid CRCs, IDAT, IEND) whose header no decoder accepts."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    header = struct.pack(">IIBBBBB", 4, 4, bit_depth, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 20))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm"])
+def test_a_dicom_missing_its_last_byte_is_corrupt(client: TestClient, name: str) -> None:
+    from pydicom.data import get_testdata_file
+
+    data = Path(str(get_testdata_file(name))).read_bytes()
+    for cut in (1, 2, 7):
+        is_problem(upload(client, [data[:-cut]]), 422, "corrupt_image")
+    # The whole file is still accepted.
+    assert upload(client, [data]).status_code == 201
+
+
+def test_decoder_errors_name_no_python_objects(client: TestClient) -> None:
+    response = upload(client, [_png_with_ihdr(color_type=1, bit_depth=8)])
+    is_problem(response, 422, "corrupt_image")
+    detail = response.json()["detail"]
+    assert "object at 0x" not in detail
+    assert "BytesIO" not in detail
+    assert detail.startswith("cannot decode PNG")
+
+
+# -- defect 6: log injection ---------------------------------------------------------------
+
+
+def test_logged_user_text_cannot_forge_records() -> None:
+    import io
+
+    from app.logsafe import LOG_FORMAT, SafeFormatter, escape_control
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(SafeFormatter(LOG_FORMAT))
+    log = logging.getLogger("tests.hostile.logsafe")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        forged = "a.csv\n2026-11-30 10:00:00,000 CRITICAL app: forged\r\x00\x1b[31m\u2028end"
+        log.warning("read %s", forged)
+        log.warning(forged)
+        try:
+            raise ValueError(f"bad path {forged}")
+        except ValueError:
+            log.exception("failed on %s", forged)
+    finally:
+        log.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    # Every line starts a record of our own or is an indented traceback line.
+    records = [line for line in lines if not line.startswith("    ")]
+    assert len(records) == 3, lines
+    assert all(" WARNING " in r or " ERROR " in r for r in records)
+    assert not any(line.startswith("2026-11-30 10:00:00,000 CRITICAL") for line in lines)
+    text = stream.getvalue()
+    assert "\x00" not in text
+    assert "\x1b" not in text
+    assert "\\n2026-11-30" in records[0]
+    assert "\\x00\\x1b[31m\\u2028end" in records[0]
+    assert escape_control("plain text ü") == "plain text ü"
+    assert escape_control("\ud800") == "\\ud800"
+
+
+def test_the_command_line_logs_through_the_safe_formatter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from app.cli import main as cli_main
+    from app.logsafe import SafeFormatter
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    # `convirt serve` refuses at once (no key, open address): logging is set up by then.
+    assert cli_main(["serve", "--host", "0.0.0.0", "--data-dir", "/nonexistent/x"]) == 2
+    assert len(root.handlers) == 1
+    assert isinstance(root.handlers[0].formatter, SafeFormatter)
+
+
+# -- defect 11: `convirt ingest` logs no file names ---------------------------------------
+
+
+@pytest.mark.parametrize("log_paths", [False, True])
+def test_ingest_logs_positions_not_file_names(
+    tmp_path: Path,
+    sqlite_url: str,
+    bundle_dir: Path,
+    bundle: EncoderBundle,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    log_paths: bool,
+) -> None:
+    from app.cli import main as cli_main
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    (folder / "a-good.png").write_bytes(noise_png(30))
+    (folder / "b-DOE_JOHN_1234567.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    if log_paths:
+        monkeypatch.setenv("CONVIRT_LOG_PATHS", "true")
+    args = ["ingest", str(folder), "--no-progress", "--data-dir", str(tmp_path / "data")]
+    args += ["--database-url", sqlite_url, "--bundle-dir", str(bundle_dir)]
+    caplog.set_level(logging.INFO)
+    assert cli_main(args) == 1
+    failures = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    failures = [m for m in failures if "corrupt_image" in m]
+    assert len(failures) == 1, failures
+    if log_paths:
+        assert "DOE_JOHN_1234567" in failures[0]
+    else:
+        assert "DOE_JOHN" not in caplog.text
+        assert failures[0].startswith("file 2 (path sha256 ")
