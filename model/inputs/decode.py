@@ -35,6 +35,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from model.errors import ModelError
@@ -299,7 +300,7 @@ def _check_complete(ds: Dataset, data: bytes) -> None:
                 f"DICOM element ({element.tag.group:04X},{element.tag.element:04X}) has "
                 f"{len(element.value)} of its {element.length} bytes: the file is truncated"
             )
-    pixel_data = ds._dict.get(_PIXEL_DATA)
+    pixel_data = ds._dict.get(BaseTag(_PIXEL_DATA))
     if (
         isinstance(pixel_data, RawDataElement)
         and pixel_data.length == _UNDEFINED_LENGTH
