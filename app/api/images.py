@@ -12,7 +12,13 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import ServiceDep, SessionDep, SettingsDep
 from app.api.problems import MODEL_ERROR_STATUS, problem_responses, to_problem
-from app.api.uploads import field_problem, parse_labels, read_upload, require_content_type
+from app.api.uploads import (
+    StrictTextRoute,
+    field_problem,
+    parse_labels,
+    read_upload,
+    require_content_type,
+)
 from app.errors import ProblemError
 from app.models import Image
 from app.schemas import ImagePublic, UploadResponse, UploadResult
@@ -31,7 +37,13 @@ MAX_FILES_PER_UPLOAD: Final = 64
 #: Longest report text accepted with an upload.
 MAX_REPORT_CHARS: Final = 100_000
 
-router = APIRouter(prefix="/images", tags=["images"], dependencies=[Depends(require_api_key)])
+# StrictTextRoute: a report (or other text field) that is not UTF-8 is refused, not stored.
+router = APIRouter(
+    prefix="/images",
+    tags=["images"],
+    dependencies=[Depends(require_api_key)],
+    route_class=StrictTextRoute,
+)
 
 ImageId = Annotated[int, Path(ge=1, le=2**63 - 1, description="Image id.")]
 

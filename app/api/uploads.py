@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Coroutine
+from contextlib import aclosing
 from typing import Annotated, Any, Final
 
-from fastapi import Request
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from pydantic import Field, TypeAdapter, ValidationError
-from starlette.datastructures import Headers, UploadFile
+from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.problems import problem_response, to_problem
@@ -144,3 +148,78 @@ def parse_json_field(raw: str, loc: list[str | int]) -> Any:
     except (ValueError, RecursionError) as exc:
         # RecursionError: nesting deeper than the parser's recursion allows.
         raise field_problem(loc, "not valid JSON", "json_invalid") from exc
+
+
+class InvalidTextEncodingError(HTTPException):
+    """A text form field that is not valid UTF-8: 422 ``invalid_text_encoding``.
+
+    An ``HTTPException`` because FastAPI turns any other exception raised while it parses
+    a form into a plain 400; ``code`` is read by the problem handler.
+    """
+
+    code = "invalid_text_encoding"
+
+    def __init__(self, field: str) -> None:
+        super().__init__(
+            422, f"form field {field!r} is not valid UTF-8 text; send it encoded as UTF-8"
+        )
+
+
+class _StrictTextParser(MultiPartParser):
+    """Starlette's multipart parser, but a text field that is not valid UTF-8 is refused.
+
+    Starlette decodes such a field as Latin-1 instead, so a report in another encoding
+    would be stored as mojibake that no one can tell from real text later.
+    """
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode(self._charset or "utf-8")
+            except (UnicodeDecodeError, LookupError):
+                raise InvalidTextEncodingError(part.field_name) from None
+        super().on_part_end()
+
+
+class StrictTextRequest(Request):
+    """A request whose multipart form refuses text fields that are not valid UTF-8."""
+
+    async def _get_form(
+        self,
+        *,
+        max_files: int | float = 1000,
+        max_fields: int | float = 1000,
+        max_part_size: int = 1024 * 1024,
+    ) -> FormData:
+        content_type = self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        # Starlette keeps the parsed form in _form; filling it first makes its own parsing
+        # (and cleanup) use this parser's result.
+        if self._form is None and content_type == "multipart/form-data":
+            try:
+                async with aclosing(self.stream()) as stream:
+                    parser = _StrictTextParser(
+                        self.headers,
+                        stream,
+                        max_files=max_files,
+                        max_fields=max_fields,
+                        max_part_size=max_part_size,
+                    )
+                    self._form = await parser.parse()
+            except MultiPartException as exc:
+                raise HTTPException(400, detail=exc.message) from exc
+        return await super()._get_form(
+            max_files=max_files, max_fields=max_fields, max_part_size=max_part_size
+        )
+
+
+class StrictTextRoute(APIRoute):
+    """Routes whose handlers see a :class:`StrictTextRequest`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            return await handler(StrictTextRequest(request.scope, request.receive))
+
+        return strict_handler

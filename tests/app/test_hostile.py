@@ -512,3 +512,29 @@ def test_ingest_logs_positions_not_file_names(
     else:
         assert "DOE_JOHN" not in caplog.text
         assert failures[0].startswith("file 2 (path sha256 ")
+
+
+def test_a_report_that_is_not_utf8_is_refused(client: TestClient) -> None:
+    latin1 = "Kardiomegalie, Pleuraergu\u00df".encode("latin-1")
+    response = client.post(
+        "/images",
+        files=[
+            ("files", ("a.png", noise_png(40), "image/png")),
+            ("report_text", (None, latin1)),
+        ],
+    )
+    is_problem(response, 422, "invalid_text_encoding")
+    assert "report_text" in response.json()["detail"]
+    # The same text in UTF-8 is stored as written.
+    utf8 = client.post(
+        "/images",
+        files=[
+            ("files", ("a.png", noise_png(40), "image/png")),
+            ("report_text", (None, "Kardiomegalie, Pleuraergu\u00df".encode())),
+        ],
+    )
+    assert utf8.status_code == 201, utf8.text
+    image_id = utf8.json()["results"][0]["id"]
+    assert (
+        client.get(f"/images/{image_id}").json()["report_text"] == "Kardiomegalie, Pleuraergu\u00df"
+    )
