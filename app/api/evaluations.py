@@ -4,8 +4,9 @@
 that cannot be evaluated (missing image, category absent from the candidates, query among
 the candidates, too few labelled images…) is a 422 problem naming the file and row, and a
 second request while a run is in progress is a 409 ``evaluation_running`` problem.
-Paths in the body are read by the server: protocol files, CheXpert root and manifests must
-be readable by the service's process.
+Paths in the body are read by the server, and only under the evaluation roots
+(``CONVIRT_EVALUATION_ROOTS``, :mod:`app.services.evaluation_inputs`): anything else is a
+422 before a file is opened.
 """
 
 from __future__ import annotations
