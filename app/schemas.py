@@ -53,28 +53,29 @@ def _strings(value: Any) -> Iterator[str]:
             stack.extend(item)
 
 
-def has_lone_surrogate(value: Any) -> bool:
-    """Whether any string in ``value`` holds a UTF-16 surrogate (``"\\ud800"`` in JSON).
+def has_unstorable_char(value: Any) -> bool:
+    """Whether any string in ``value`` holds NUL or a UTF-16 surrogate (``"\\ud800"``).
 
-    JSON may spell one as an escape, but no UTF-8 text, tokenizer or database can hold it.
+    JSON may spell both as escapes, but PostgreSQL text and JSON refuse NUL, and no UTF-8
+    text, tokenizer or database can hold a lone surrogate.
     """
     return any(
-        any("\ud800" <= ch <= "\udfff" for ch in text)
+        "\x00" in text or any("\ud800" <= ch <= "\udfff" for ch in text)
         for text in _strings(value)
-        if not text.isascii()
+        if not text.isprintable()
     )
 
 
 class RequestModel(BaseModel):
-    """Base of the JSON request bodies: no unknown fields, no lone surrogates in any string."""
+    """Base of the JSON request bodies: no unknown fields, no NUL or lone surrogate in text."""
 
     model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
-    def _no_lone_surrogates(cls, data: Any) -> Any:
-        if has_lone_surrogate(data):
-            raise ValueError("text holds a lone UTF-16 surrogate, which is not valid Unicode")
+    def _storable_text(cls, data: Any) -> Any:
+        if has_unstorable_char(data):
+            raise ValueError("text holds a NUL character or a lone UTF-16 surrogate")
         return data
 
 

@@ -21,7 +21,7 @@ from app.schemas import (
     MAX_LABEL_NAME_CHARS,
     MAX_LABELS,
     LabelName,
-    has_lone_surrogate,
+    has_unstorable_char,
     is_label_value,
 )
 
@@ -127,8 +127,10 @@ def parse_labels(raw: str, loc: list[str | int]) -> dict[str, float | None]:
         parsed = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise field_problem(loc, "labels must be valid JSON", "json_invalid") from exc
-    if has_lone_surrogate(parsed):
-        raise field_problem(loc, "labels hold a lone UTF-16 surrogate", "string_unicode")
+    if has_unstorable_char(parsed):
+        raise field_problem(
+            loc, "labels hold a NUL character or a lone UTF-16 surrogate", "string_unicode"
+        )
     message = (
         f"labels must be a JSON object of at most {MAX_LABELS} names of 1 to "
         f"{MAX_LABEL_NAME_CHARS} characters, each → the number 1, 0 or -1, or null"
@@ -151,7 +153,7 @@ def parse_json_field(raw: str, loc: list[str | int]) -> Any:
 
 
 class InvalidTextEncodingError(HTTPException):
-    """A text form field that is not valid UTF-8: 422 ``invalid_text_encoding``.
+    """A text form field that is not valid UTF-8, or holds NUL: 422 ``invalid_text_encoding``.
 
     An ``HTTPException`` because FastAPI turns any other exception raised while it parses
     a form into a plain 400; ``code`` is read by the problem handler.
@@ -159,26 +161,27 @@ class InvalidTextEncodingError(HTTPException):
 
     code = "invalid_text_encoding"
 
-    def __init__(self, field: str) -> None:
-        super().__init__(
-            422, f"form field {field!r} is not valid UTF-8 text; send it encoded as UTF-8"
-        )
+    def __init__(self, field: str, why: str = "is not valid UTF-8 text") -> None:
+        super().__init__(422, f"form field {field!r} {why}; send text encoded as UTF-8")
 
 
 class _StrictTextParser(MultiPartParser):
     """Starlette's multipart parser, but a text field that is not valid UTF-8 is refused.
 
     Starlette decodes such a field as Latin-1 instead, so a report in another encoding
-    would be stored as mojibake that no one can tell from real text later.
+    would be stored as mojibake that no one can tell from real text later. NUL is refused
+    too: PostgreSQL cannot store it in text.
     """
 
     def on_part_end(self) -> None:
         part = self._current_part
         if part.file is None:
             try:
-                bytes(part.data).decode(self._charset or "utf-8")
+                text = bytes(part.data).decode(self._charset or "utf-8")
             except (UnicodeDecodeError, LookupError):
                 raise InvalidTextEncodingError(part.field_name) from None
+            if "\x00" in text:
+                raise InvalidTextEncodingError(part.field_name, "holds a NUL character")
         super().on_part_end()
 
 

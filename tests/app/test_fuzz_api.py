@@ -2,7 +2,8 @@
 
 Every operation of ``/openapi.json`` gets generated requests, valid and invalid (fixed seed,
 bounded examples per operation), against an in-process app on a real bundle with a few
-stored images. Each response must:
+stored images, on SQLite and on PostgreSQL (which refuses text SQLite stores, e.g. NUL).
+Each response must:
 
 - not be a 5xx;
 - conform to the document: a documented status, media type, headers and body schema;
@@ -37,8 +38,8 @@ from app.settings import Settings  # noqa: E402
 from model.bundle import EncoderBundle  # noqa: E402
 from tests.app.service_support import noise_png  # noqa: E402
 
-#: Generated requests per operation and mode (valid, then invalid ones).
-EXAMPLES_PER_OPERATION = 100
+#: Generated requests per operation, mode (valid, then invalid ones) and database backend.
+EXAMPLES_PER_OPERATION = 50
 #: The service's API key: sent with every case; schemathesis also tries without it.
 KEY = "fuzz-" + "k" * 20
 
@@ -47,14 +48,19 @@ pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def api_schema(
-    tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path, bundle: EncoderBundle
+    tmp_path: Path, database_url: str, bundle_dir: Path, bundle: EncoderBundle
 ) -> Iterator[Any]:
-    data_dir = tmp_path_factory.mktemp("fuzz") / "data"
-    settings = Settings(data_dir=data_dir, bundle_dir=bundle_dir, api_keys=[KEY])
+    """The app's document, loaded from the app, on each database backend."""
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        bundle_dir=bundle_dir,
+        api_keys=[KEY],
+    )
     app = create_app(settings, bundle=bundle)
-    # Loading the document starts the app's lifespan; it is stopped after the module.
+    # Loading the document starts the app's lifespan; it is stopped after the test.
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers={"X-API-Key": KEY})
     with asgi.get_client(cast(Any, app)) as client:
         for seed in range(4):

@@ -538,3 +538,26 @@ def test_a_report_that_is_not_utf8_is_refused(client: TestClient) -> None:
     assert (
         client.get(f"/images/{image_id}").json()["report_text"] == "Kardiomegalie, Pleuraergu\u00df"
     )
+
+
+def test_nul_in_stored_or_searched_text_is_refused_on_both_backends(
+    tmp_path: Path, database_url: str, bundle_dir: Path, bundle: EncoderBundle
+) -> None:
+    # PostgreSQL cannot hold NUL in text or JSON: each of these was a 500 there.
+    settings = make_settings(tmp_path / "data", database_url, bundle_dir)
+    with running_app(settings, bundle) as client:
+        for field in ("report_text", "study_ref", "view_position"):
+            response = upload(client, [noise_png(50)], **{field: "a\x00b"})
+            is_problem(response, 422, "invalid_text_encoding")
+            assert field in response.json()["detail"]
+        is_problem(
+            upload(client, [noise_png(51)], labels='{"a\\u0000": 1}'), 422, "validation_error"
+        )
+        for filters in ({"view_position": ["P\x00A"]}, {"labels": {"a\x00": 1}}):
+            response = client.post("/search/text", json={"query": "x", "filters": filters})
+            is_problem(response, 422, "validation_error")
+        is_problem(client.post("/search/text", json={"query": "x\x00y"}), 422, "validation_error")
+        assert client.get("/images/1").status_code == 404  # nothing was stored
+        # The same fields without NUL are stored.
+        ok = upload(client, [noise_png(52)], report_text="a b", study_ref="s-1", view_position="PA")
+        assert ok.status_code == 201, ok.text
