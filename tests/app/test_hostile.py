@@ -547,7 +547,8 @@ def test_nul_in_stored_or_searched_text_is_refused_on_both_backends(
     settings = make_settings(tmp_path / "data", database_url, bundle_dir)
     with running_app(settings, bundle) as client:
         for field in ("report_text", "study_ref", "view_position"):
-            response = upload(client, [noise_png(50)], **{field: "a\x00b"})
+            fields: dict[str, Any] = {field: "a\x00b"}
+            response = upload(client, [noise_png(50)], **fields)
             is_problem(response, 422, "invalid_text_encoding")
             assert field in response.json()["detail"]
         is_problem(
