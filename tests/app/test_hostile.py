@@ -345,7 +345,9 @@ def test_evaluations_read_only_inside_the_roots(
             (_manifest_run("/etc/passwd"), "path_outside_roots"),
             (_manifest_run("../../elsewhere/m/manifest.csv"), "path_outside_roots"),
             (_manifest_run("link-dir/m/manifest.csv"), "path_outside_roots"),
-            (_manifest_run("probe/\x00manifest.csv"), "invalid_path"),
+            (_manifest_run("probe/\x00manifest.csv"), "validation_error"),  # NUL: any text
+            (_manifest_run("probe/\nmanifest.csv"), "invalid_path"),
+            (_manifest_run("probe/\x1b[2Jmanifest.csv"), "invalid_path"),
             (_manifest_run("probe/" + "a" * 4000 + ".csv"), "invalid_path"),
             ({"protocol": "chexpert-8x200", "root": "/root"}, "path_outside_roots"),
             (
