@@ -46,6 +46,14 @@ router = APIRouter(
 )
 
 ImageId = Annotated[int, Path(ge=1, le=2**63 - 1, description="Image id.")]
+UploadFiles = Annotated[
+    list[UploadFile],
+    File(
+        description="One or more DICOM, PNG or JPEG files (field name ``files``).",
+        # Documented here, checked in the route (a 422 naming the field).
+        json_schema_extra={"minItems": 1, "maxItems": MAX_FILES_PER_UPLOAD},
+    ),
+]
 
 
 def thumbnail_url(request: Request, image_id: int) -> str:
@@ -116,14 +124,7 @@ async def upload_images(
     request: Request,
     runtime: ServiceDep,
     settings: SettingsDep,
-    files: Annotated[
-        list[UploadFile],
-        File(
-            description="One or more DICOM, PNG or JPEG files (field name ``files``).",
-            # Documented here, checked in the route (a 422 naming the field).
-            json_schema_extra={"minItems": 1, "maxItems": MAX_FILES_PER_UPLOAD},
-        ),
-    ],
+    files: UploadFiles,
     report_text: Annotated[
         list[str] | None,
         Form(description="Report text: once for all files, or once per file in file order."),
