@@ -46,7 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Control characters in logged user text are escaped: one record, one line.
+    from app.logsafe import configure_logging
+
+    configure_logging(level)
     result: int = args.func(args)
     return result
 

@@ -19,20 +19,27 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Any, Final
 
 import anyio
 from fastapi import Depends, FastAPI
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 
 from app.api import classify as classify_api
+from app.api import docs as docs_page
 from app.api import evaluations as evaluations_api
 from app.api import health, images, search
 from app.api import web as web_page
 from app.api.problems import install_problem_handlers
 from app.api.uploads import BodyLimitMiddleware
-from app.security import ApiKeyMiddleware, encode_keys, require_api_key
+from app.security import (
+    ApiKeyMiddleware,
+    RequestGuardMiddleware,
+    SecurityHeadersMiddleware,
+    document_guards,
+    encode_keys,
+    require_api_key,
+)
 from app.services.evaluations import EvaluationJobs
 from app.services.metrics import Metrics, MetricsMiddleware
 from app.services.runtime import Runtime
@@ -104,6 +111,19 @@ async def _maintenance_loop(app: FastAPI, settings: Settings, bundle: EncoderBun
             logger.exception("index maintenance failed")
 
 
+def _document_guards(app: FastAPI) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        first = app.openapi_schema is None
+        schema = generate()
+        if first:
+            document_guards(schema, PUBLIC_PATHS)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None = None) -> FastAPI:
     """The service for ``settings`` (``Settings()`` from the environment when omitted).
 
@@ -150,20 +170,26 @@ def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None
     app.include_router(classify_api.router)
     app.include_router(evaluations_api.router)
     app.include_router(web_page.router)
+    app.include_router(docs_page.router)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])
     async def openapi_document() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_api_key)])
-    async def swagger_ui() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} — API")
-
     install_problem_handlers(app)
+    _document_guards(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     # The web page and its assets are open: the page is where a user enters the key.
-    public_paths = (*PUBLIC_PATHS, *web_page.PUBLIC_PATHS)
+    public_paths = (*PUBLIC_PATHS, *web_page.PUBLIC_PATHS, *docs_page.PUBLIC_PATHS)
     app.add_middleware(ApiKeyMiddleware, keys=app.state.api_keys, public_paths=public_paths)
+    # Outside the key check: a request for a foreign host name is refused before anything.
+    app.add_middleware(
+        RequestGuardMiddleware,
+        allowed_hosts=settings.allowed_hosts,
+        keys=app.state.api_keys,
+        exempt_paths=PUBLIC_PATHS,
+    )
+    app.add_middleware(SecurityHeadersMiddleware)
     # Added last, so outermost: it sees the final status of every response, errors included.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -6,15 +6,77 @@ its labels, its report text and the caller's own study reference.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from app.api.problems import Problem
+from index import MAX_K
+
+#: Longest label (observation) name; CheXpert's longest is 26 characters.
+MAX_LABEL_NAME_CHARS: Final = 64
+#: Most labels one image, or one label filter, may carry.
+MAX_LABELS: Final = 64
+#: Largest id of an image or a run: ids are signed 64-bit integers in the database.
+MAX_ID: Final = 2**63 - 1
 
 LabelValue = float | None
 Labels = dict[str, LabelValue]
+LabelName = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_LABEL_NAME_CHARS, strict=True)
+]
+
+
+def is_label_value(value: Any) -> bool:
+    """Whether a client's label value is the JSON number 1, 0 or -1, or null.
+
+    ``true`` and ``"1"`` are not: pydantic's lax mode would read both as 1.0.
+    """
+    if value is None:
+        return True
+    return type(value) in (int, float) and value in (1, 0, -1)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON-like value, keys included; iterative, so depth cannot overflow."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+
+
+def has_unstorable_char(value: Any) -> bool:
+    """Whether any string in ``value`` holds NUL or a UTF-16 surrogate (``"\\ud800"``).
+
+    JSON may spell both as escapes, but PostgreSQL text and JSON refuse NUL, and no UTF-8
+    text, tokenizer or database can hold a lone surrogate.
+    """
+    return any(
+        "\x00" in text or any("\ud800" <= ch <= "\udfff" for ch in text)
+        for text in _strings(value)
+        if not text.isprintable()
+    )
+
+
+class RequestModel(BaseModel):
+    """Base of the JSON request bodies: no unknown fields, no NUL or lone surrogate in text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable_text(cls, data: Any) -> Any:
+        if has_unstorable_char(data):
+            raise ValueError("text holds a NUL character or a lone UTF-16 surrogate")
+        return data
 
 
 class ImageRecord(BaseModel):
@@ -68,10 +130,8 @@ class UploadResponse(BaseModel):
     failed: int
 
 
-class SearchFilters(BaseModel):
+class SearchFilters(RequestModel):
     """Restrict hits to images whose metadata match every given condition."""
-
-    model_config = ConfigDict(extra="forbid")
 
     view_position: list[Annotated[str, StringConstraints(min_length=1, max_length=32)]] | None = (
         Field(
@@ -81,31 +141,40 @@ class SearchFilters(BaseModel):
             examples=[["PA", "AP"]],
         )
     )
-    labels: dict[str, float] | None = Field(
+    labels: dict[LabelName, float] | None = Field(
         default=None,
         min_length=1,
+        max_length=MAX_LABELS,
         description="Keep images whose label equals the value for every name given.",
         examples=[{"Cardiomegaly": 1}],
     )
 
 
-class TextSearchCreate(BaseModel):
+class TextSearchCreate(RequestModel):
     """``POST /search/text``: a free-text query."""
 
-    model_config = ConfigDict(extra="forbid")
-
     query: str = Field(description="Free text, e.g. 'blunting of the costophrenic angles'.")
-    k: int = Field(default=10, description="Number of hits wanted, 1 to the service's k_max.")
+    k: int = Field(
+        default=10,
+        # Documented, not validated here: the route checks it against k_max (invalid_k).
+        json_schema_extra={"minimum": 1, "maximum": MAX_K},
+        description="Number of hits wanted, 1 to the service's k_max.",
+    )
     filters: SearchFilters | None = None
 
 
-class ImageSearchCreate(BaseModel):
+class ImageSearchCreate(RequestModel):
     """``POST /search/image`` as JSON: search with an image already stored."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    image_id: int = Field(description="Id of a stored image; it is left out of its own hits.")
-    k: int = Field(default=10, description="Number of hits wanted, 1 to the service's k_max.")
+    image_id: int = Field(
+        ge=1, le=MAX_ID, description="Id of a stored image; it is left out of its own hits."
+    )
+    k: int = Field(
+        default=10,
+        # Documented, not validated here: the route checks it against k_max (invalid_k).
+        json_schema_extra={"minimum": 1, "maximum": MAX_K},
+        description="Number of hits wanted, 1 to the service's k_max.",
+    )
     filters: SearchFilters | None = None
 
 

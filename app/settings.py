@@ -18,6 +18,8 @@ writes lives below it unless configured otherwise:
 - ``index_dir``: ``{data_dir}/index``, the saved vector index.
 - de-identified images and thumbnails: under ``data_dir`` (paths in the database are
   relative to it).
+- ``evaluation_roots``: ``[{data_dir}/evaluation]``, the only folders whose files
+  ``POST /evaluations`` may read.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 MIN_API_KEY_CHARS = 16
 
 _MIB = 1024 * 1024
+
+#: Host names answered by default: loopback only, whatever the port.
+DEFAULT_ALLOWED_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")
+#: Folder under the data directory that evaluations may read by default.
+EVALUATION_DIR = "evaluation"
 
 
 class InsecureExposureError(AppError):
@@ -138,6 +145,37 @@ class Settings(BaseSettings):
     )
     thumbnail_size: int = Field(default=256, ge=16, le=2048, description="longest side, px")
     log_level: LogLevel = "INFO"
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_ALLOWED_HOSTS),
+        description="host names the service answers to (Host header, any port; env: "
+        "comma-separated; '*' allows any): a DNS-rebinding guard",
+    )
+    evaluation_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="folders POST /evaluations may read files under (env: comma-separated); "
+        "empty means {data_dir}/evaluation",
+    )
+    log_paths: bool = Field(
+        default=False,
+        description="name input files in logs; off, a failing file is logged by its position "
+        "and a short hash of its path (file names often carry patient names)",
+    )
+    max_connections: int = Field(
+        default=256, ge=1, description="open connections `convirt serve` accepts at once"
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="seconds a request's headers may take to arrive (`convirt serve`)",
+    )
+    body_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="seconds a request's body may take to arrive after its headers "
+        "(`convirt serve`; 60 s is 0.9 MB/s for the default 50 MB upload limit)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -156,6 +194,8 @@ class Settings(BaseSettings):
         for name, sub in (("bundle_dir", "bundle"), ("index_dir", "index")):
             value = data.get(name)
             data[name] = value if value else data_dir / sub
+        if not data.get("evaluation_roots"):
+            data["evaluation_roots"] = [data_dir / EVALUATION_DIR]
         return data
 
     @field_validator("data_dir", "bundle_dir", "index_dir")
@@ -218,6 +258,27 @@ class Settings(BaseSettings):
             if any(ch.isspace() for ch in key) or "," in key:
                 raise ValueError(f"API key #{position} contains whitespace or a comma")
         return value
+
+    @field_validator("allowed_hosts", "evaluation_roots", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        hosts = [host.strip().lower() for host in value if host.strip()]
+        if not hosts:
+            raise ValueError("allowed_hosts is empty: no request could be answered")
+        return hosts
+
+    @field_validator("evaluation_roots")
+    @classmethod
+    def _absolute_roots(cls, value: list[Path]) -> list[Path]:
+        # Resolved once, so that the containment check compares real paths on both sides.
+        return [Path(root).expanduser().resolve() for root in value]
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -6,6 +6,11 @@
 
 ``serve`` runs, in order:
 
+0. on a start with neither ``CONVIRT_API_KEYS`` nor ``CONVIRT_ALLOW_ANONYMOUS=true``, use
+   the key kept in the data volume (``{data_dir}/api-key``, mode 0600), generating it on
+   the first start and printing it once in the log, as Jupyter prints its token: so a
+   bare ``docker compose up`` serves, and never without a key. ``CONVIRT_API_KEYS``
+   overrides the file;
 1. wait until the database answers (``CONVIRT_DB_WAIT_S`` seconds at most, default 120);
    compose already waits for the db healthcheck, but a plain ``docker run`` or a database
    restarting under us does not;
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -38,9 +44,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Final
 
+from pydantic import ValidationError
+
 from app.commands.serve import serving_settings
 from app.errors import AppError
-from app.settings import Settings
+from app.logsafe import configure_logging
+from app.settings import MIN_API_KEY_CHARS, Settings
 
 logger = logging.getLogger("convirt.entrypoint")
 
@@ -57,6 +66,10 @@ DEMO_OPTIONS: Final = (
     ("CONVIRT_DEMO_TIME_BUDGET", "--time-budget"),
     ("CONVIRT_DEMO_MAX_STEPS", "--max-steps"),
 )
+#: File under the data directory that keeps the generated API key.
+KEY_FILE: Final = "api-key"
+#: Random bytes of a generated key (43 URL-safe characters).
+KEY_BYTES: Final = 32
 #: Folder of ``convirt demo`` under the data directory (corpus and training run).
 DEMO_DIR: Final = "demo"
 
@@ -96,6 +109,56 @@ def _env_float(name: str, default: float) -> float:
     if value < 0:
         raise EntrypointError(f"{name} must be >= 0, got {raw!r}", code="invalid_environment")
     return value
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by the owner only, atomically (never half a key)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def volume_api_key(settings: Settings) -> str | None:
+    """The key to serve with when none is configured (step 0), or None when one is.
+
+    Read from ``{data_dir}/api-key``; on the first start it is generated, written there
+    (mode 0600) and logged once.
+
+    Raises:
+        EntrypointError: the file exists but holds no usable key.
+    """
+    if settings.api_keys or settings.allow_anonymous:
+        return None
+    path = settings.data_dir / KEY_FILE
+    if path.exists():
+        key = path.read_text(encoding="ascii", errors="replace").strip()
+        if len(key) < MIN_API_KEY_CHARS or any(ch.isspace() or ch == "," for ch in key):
+            raise EntrypointError(
+                f"{path} holds no usable API key; delete it to have a new one generated",
+                code="invalid_key_file",
+            )
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+            logger.warning("%s was readable by others; it is now private (0600)", path)
+        logger.info("API key: the one kept in %s (shown in the log of the first start)", path)
+        return key
+    key = secrets.token_urlsafe(KEY_BYTES)
+    _write_private(path, key + "\n")
+    # The one time the key is shown: the operator needs it for the web page and clients.
+    logger.warning(
+        "no CONVIRT_API_KEYS set: generated an API key, kept in %s (mode 0600); send it "
+        "as 'X-API-Key: <key>' or enter it on the web page. API key: %s",
+        path,
+        key,
+    )
+    return key
 
 
 def demo_enabled() -> bool:
@@ -224,20 +287,30 @@ def _exit_on_signal(signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str]) -> int:
     """Serve (``argv`` empty or ``serve ...``) or run another ``convirt`` command."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(logging.INFO)
     if argv and argv[0] != "serve":
         os.execv(CONVIRT[0], [*CONVIRT, *argv])
     # As PID 1 a signal without a handler is ignored: make `docker stop` end the wait at once.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_on_signal)
+    try:
+        initial = Settings()
+        initial.data_dir.mkdir(parents=True, exist_ok=True)
+        key = volume_api_key(initial)
+    except ValidationError as exc:
+        logger.error("invalid settings: %s", exc)
+        return 2
+    except EntrypointError as exc:
+        logger.error("start-up failed (%s): %s", exc.code, exc)
+        return 1
+    if key is not None:
+        # The steps and `convirt serve` (exec'd below) read it from the environment.
+        os.environ["CONVIRT_API_KEYS"] = key
     # Checked before minutes of demo, not after: `convirt serve` would refuse at the end.
     settings = serving_settings()
     if settings is None:
         return 2
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
         prepare(settings)
     except StepInterruptedError as exc:
         logger.warning("%s; the next start continues from there", exc)

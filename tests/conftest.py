@@ -6,6 +6,7 @@ none of them stays cheap.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,16 @@ KERMANY_LABELS: dict[str, dict[str, float | None]] = {
     "normal": {"No Finding": 1.0, "Pneumonia": 0.0},
     "bacterial pneumonia": {"No Finding": 0.0, "Pneumonia": 1.0},
 }
+
+
+#: Host names the apps under test answer to: the loopback defaults, and ``testserver``, the
+#: Host that Starlette's TestClient sends. Tests of the Host check pass their own list.
+TEST_ALLOWED_HOSTS = "localhost,127.0.0.1,[::1],testserver"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Set for the whole run (subprocesses inherit it); a developer's own value is kept.
+    os.environ.setdefault("CONVIRT_ALLOWED_HOSTS", TEST_ALLOWED_HOSTS)
 
 
 @pytest.fixture(scope="session")

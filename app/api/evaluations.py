@@ -7,8 +7,9 @@ Retrieval (``chexpert-8x200``, ``manifest``, ``stored``) and classification (``z
 that cannot be evaluated (missing image, category absent from the candidates, query among
 the candidates, too few labelled images…) is a 422 problem naming the file and row, and a
 second request while a run is in progress is a 409 ``evaluation_running`` problem.
-Paths in the body are read by the server: protocol files, CheXpert root and manifests must
-be readable by the service's process.
+Paths in the body are read by the server, and only under the evaluation roots
+(``CONVIRT_EVALUATION_ROOTS``, :mod:`app.services.evaluation_inputs`): anything else is a
+422 before a file is opened.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from __future__ import annotations
 from typing import Annotated, Any, Final, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import func, select
 
 from app.api.deps import RuntimeDep, SessionDep
 from app.api.problems import problem_responses
 from app.errors import ProblemError
 from app.models import EvaluationRun
+from app.schemas import MAX_ID, RequestModel
 from app.security import require_api_key
 from app.services.evaluations import EvaluationJobs, EvaluationRequest, run_duration
 
@@ -32,20 +34,16 @@ router = APIRouter(
 
 #: Longest path accepted in a request body.
 MAX_PATH_CHARS: Final = 4096
-RunId = Annotated[int, Path(ge=1, le=2**63 - 1, description="Evaluation run id.")]
+RunId = Annotated[int, Path(ge=1, le=MAX_ID, description="Evaluation run id.")]
 
 
-class TextQueryIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TextQueryIn(RequestModel):
     category: str = Field(min_length=1, max_length=64)
     text: str = Field(min_length=1, max_length=1000)
 
 
-class EvaluationCreate(BaseModel):
+class EvaluationCreate(RequestModel):
     """What to evaluate the service's encoder bundle on."""
-
-    model_config = ConfigDict(extra="forbid")
 
     protocol: Literal["chexpert-8x200", "manifest", "stored", "zero-shot", "linear-probe"] = Field(
         description="chexpert-8x200: official files over a CheXpert root; manifest: a "
@@ -245,7 +243,7 @@ def list_evaluations(
     runtime: RuntimeDep,
     jobs: JobsDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> EvaluationList:
     jobs.recover(runtime.sessions)
     total = int(session.scalar(select(func.count()).select_from(EvaluationRun)) or 0)

@@ -15,12 +15,16 @@ from app.services.runtime import Runtime
 router = APIRouter(tags=["operations"])
 
 
+# HEAD too, because load balancers and uptime checkers often probe with it; it is left out
+# of the OpenAPI document, where it would repeat the GET operation.
+@router.head("/health", include_in_schema=False)
 @router.get("/health", response_model=HealthPublic, summary="The process is alive")
 async def health() -> HealthPublic:
     """Always 200 while the process serves requests; says nothing about its dependencies."""
     return HealthPublic(status="ok")
 
 
+@router.head("/ready", include_in_schema=False)
 @router.get(
     "/ready",
     response_model=ReadyPublic,

@@ -12,7 +12,13 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import RuntimeDep, SessionDep, SettingsDep
 from app.api.problems import MODEL_ERROR_STATUS, problem_responses, to_problem
-from app.api.uploads import field_problem, parse_labels, read_upload, require_content_type
+from app.api.uploads import (
+    StrictTextRoute,
+    field_problem,
+    parse_labels,
+    read_upload,
+    require_content_type,
+)
 from app.errors import ProblemError
 from app.models import STUDY_REF_CHARS, VIEW_POSITION_CHARS, Image
 from app.schemas import ImagePublic, ImageRecord, UploadResponse, UploadResult
@@ -26,9 +32,23 @@ MAX_FILES_PER_UPLOAD: Final = 64
 #: Longest report text accepted with an upload.
 MAX_REPORT_CHARS: Final = 100_000
 
-router = APIRouter(prefix="/images", tags=["images"], dependencies=[Depends(require_api_key)])
+# StrictTextRoute: a report (or other text field) that is not UTF-8 is refused, not stored.
+router = APIRouter(
+    prefix="/images",
+    tags=["images"],
+    dependencies=[Depends(require_api_key)],
+    route_class=StrictTextRoute,
+)
 
 ImageId = Annotated[int, Path(ge=1, le=2**63 - 1, description="Image id.")]
+UploadFiles = Annotated[
+    list[UploadFile],
+    File(
+        description="One or more DICOM, PNG or JPEG files (field name ``files``).",
+        # Documented here, checked in the route (a 422 naming the field).
+        json_schema_extra={"minItems": 1, "maxItems": MAX_FILES_PER_UPLOAD},
+    ),
+]
 
 
 def thumbnail_url(request: Request, image_id: int) -> str:
@@ -99,10 +119,7 @@ async def upload_images(
     request: Request,
     runtime: RuntimeDep,
     settings: SettingsDep,
-    files: Annotated[
-        list[UploadFile],
-        File(description="One or more DICOM, PNG or JPEG files (field name ``files``)."),
-    ],
+    files: UploadFiles,
     report_text: Annotated[
         list[str] | None,
         Form(description="Report text: once for all files, or once per file in file order."),

@@ -386,7 +386,13 @@ class _ProblemHandlers:
     async def http_exception(self, request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         status = exc.status_code
-        code = HTTP_STATUS_CODES.get(status, f"http_{status}")
+        # An HTTPException raised on purpose may carry its own code (a string attribute).
+        own_code = getattr(exc, "code", None)
+        code = (
+            own_code
+            if isinstance(own_code, str)
+            else HTTP_STATUS_CODES.get(status, f"http_{status}")
+        )
         title = status_phrase(status)
         detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
         return problem_response(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import unicodedata
 from typing import Any, Final
 
 import anyio
@@ -41,6 +42,15 @@ router = APIRouter(prefix="/search", tags=["search"], dependencies=[Depends(requ
 
 _JSON: Final = "application/json"
 _MULTIPART: Final = "multipart/form-data"
+
+
+def visible_text(query: str) -> str:
+    """``query`` without surrounding white space and without invisible format characters.
+
+    Zero-width spaces, joiners, byte-order marks and direction marks (Unicode category Cf)
+    carry no meaning for the text encoder; a query made only of them is empty.
+    """
+    return "".join(ch for ch in query if unicodedata.category(ch) != "Cf").strip()
 
 
 def _check_k(k: int, settings: Settings) -> int:
@@ -109,9 +119,9 @@ async def search_text(
             "query_too_long",
             f"the query has {len(body.query)} characters; at most {settings.max_query_chars}",
         )
-    query = body.query.strip()
+    query = visible_text(body.query)
     if not query:
-        raise ProblemError(422, "empty_query", "the query is empty")
+        raise ProblemError(422, "empty_query", "the query is empty or only invisible characters")
     k = _check_k(body.k, settings)
     filters = _filters(body.filters)
 
@@ -139,7 +149,12 @@ def _image_search_openapi() -> dict[str, Any]:
                                 "format": "binary",
                                 "description": "A DICOM, PNG or JPEG image (not stored).",
                             },
-                            "k": {"type": "integer", "default": 10},
+                            "k": {
+                                "type": "integer",
+                                "default": 10,
+                                "minimum": 1,
+                                "maximum": MAX_K,
+                            },
                             "filters": {
                                 **filters_schema,
                                 "description": "SearchFilters as a JSON string.",
@@ -186,7 +201,8 @@ async def _search_by_id(
 ) -> tuple[int, list[Hit]]:
     try:
         payload = await request.json()
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: nesting deeper than the JSON parser's recursion allows.
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]
         ) from exc

@@ -3,22 +3,35 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Final
+from collections.abc import Callable, Coroutine
+from contextlib import aclosing
+from typing import Annotated, Any, Final
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, TypeAdapter, ValidationError
-from starlette.datastructures import Headers, UploadFile
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.problems import problem_response, to_problem
 from app.errors import ProblemError, ProblemFieldError
+from app.schemas import (
+    MAX_LABEL_NAME_CHARS,
+    MAX_LABELS,
+    LabelName,
+    has_unstorable_char,
+    is_label_value,
+)
 
 #: Bytes read from an upload per step: bounded memory whatever the file's size.
 CHUNK_BYTES: Final = 1024 * 1024
 
-_labels_adapter: TypeAdapter[dict[str, float | None]] = TypeAdapter(dict[str, float | None])
+_labels_adapter: TypeAdapter[dict[str, Any]] = TypeAdapter(
+    Annotated[dict[LabelName, Any], Field(max_length=MAX_LABELS)]
+)
 
 
 async def read_upload(upload: UploadFile, limit: int) -> bytes:
@@ -108,23 +121,35 @@ def field_problem(loc: list[str | int], msg: str, kind: str) -> ProblemError:
 
 
 def parse_labels(raw: str, loc: list[str | int]) -> dict[str, float | None]:
-    """A labels form field: a JSON object of name → 1, 0, -1 or null."""
+    """A labels form field: a JSON object of up to 64 names (1 to 64 characters each) → the
+    numbers 1, 0, -1 or null. ``true`` and ``"1"`` are refused, not read as 1.
+    """
     try:
-        labels = _labels_adapter.validate_json(raw)
-    except ValidationError as exc:
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise field_problem(loc, "labels must be valid JSON", "json_invalid") from exc
+    if has_unstorable_char(parsed):
         raise field_problem(
-            loc, "labels must be a JSON object of name → number or null", "json_invalid"
-        ) from exc
-    for name, value in labels.items():
-        if value is not None and value not in (1.0, 0.0, -1.0):
-            raise field_problem(loc, f"label {name!r} must be 1, 0, -1 or null", "value_error")
-    return labels
+            loc, "labels hold a NUL character or a lone UTF-16 surrogate", "string_unicode"
+        )
+    message = (
+        f"labels must be a JSON object of at most {MAX_LABELS} names of 1 to "
+        f"{MAX_LABEL_NAME_CHARS} characters, each → the number 1, 0 or -1, or null"
+    )
+    try:
+        labels = _labels_adapter.validate_python(parsed)
+    except ValidationError as exc:
+        raise field_problem(loc, message, "value_error") from exc
+    if not all(is_label_value(value) for value in labels.values()):
+        raise field_problem(loc, message, "value_error")
+    return {name: None if value is None else float(value) for name, value in labels.items()}
 
 
 def parse_json_field(raw: str, loc: list[str | int]) -> Any:
     try:
         return json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: nesting deeper than the parser's recursion allows.
         raise field_problem(loc, "not valid JSON", "json_invalid") from exc
 
 
@@ -153,3 +178,79 @@ def validate_part(model: type[BaseModel], data: Any, loc_prefix: tuple[str, ...]
     except ValidationError as exc:
         errors = [{**err, "loc": (*loc_prefix, *err["loc"])} for err in exc.errors()]
         raise RequestValidationError(errors) from exc
+
+
+class InvalidTextEncodingError(HTTPException):
+    """A text form field that is not valid UTF-8, or holds NUL: 422 ``invalid_text_encoding``.
+
+    An ``HTTPException`` because FastAPI turns any other exception raised while it parses
+    a form into a plain 400; ``code`` is read by the problem handler.
+    """
+
+    code = "invalid_text_encoding"
+
+    def __init__(self, field: str, why: str = "is not valid UTF-8 text") -> None:
+        super().__init__(422, f"form field {field!r} {why}; send text encoded as UTF-8")
+
+
+class _StrictTextParser(MultiPartParser):
+    """Starlette's multipart parser, but a text field that is not valid UTF-8 is refused.
+
+    Starlette decodes such a field as Latin-1 instead, so a report in another encoding
+    would be stored as mojibake that no one can tell from real text later. NUL is refused
+    too: PostgreSQL cannot store it in text.
+    """
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                text = bytes(part.data).decode(self._charset or "utf-8")
+            except (UnicodeDecodeError, LookupError):
+                raise InvalidTextEncodingError(part.field_name) from None
+            if "\x00" in text:
+                raise InvalidTextEncodingError(part.field_name, "holds a NUL character")
+        super().on_part_end()
+
+
+class StrictTextRequest(Request):
+    """A request whose multipart form refuses text fields that are not valid UTF-8."""
+
+    async def _get_form(
+        self,
+        *,
+        max_files: int | float = 1000,
+        max_fields: int | float = 1000,
+        max_part_size: int = 1024 * 1024,
+    ) -> FormData:
+        content_type = self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        # Starlette keeps the parsed form in _form; filling it first makes its own parsing
+        # (and cleanup) use this parser's result.
+        if self._form is None and content_type == "multipart/form-data":
+            try:
+                async with aclosing(self.stream()) as stream:
+                    parser = _StrictTextParser(
+                        self.headers,
+                        stream,
+                        max_files=max_files,
+                        max_fields=max_fields,
+                        max_part_size=max_part_size,
+                    )
+                    self._form = await parser.parse()
+            except MultiPartException as exc:
+                raise HTTPException(400, detail=exc.message) from exc
+        return await super()._get_form(
+            max_files=max_files, max_fields=max_fields, max_part_size=max_part_size
+        )
+
+
+class StrictTextRoute(APIRoute):
+    """Routes whose handlers see a :class:`StrictTextRequest`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            return await handler(StrictTextRequest(request.scope, request.receive))
+
+        return strict_handler

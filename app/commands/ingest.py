@@ -18,6 +18,7 @@ the log), 2 for unusable arguments or settings.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -89,10 +90,28 @@ def _batches(sources: Sequence[Source], size: int) -> Iterator[Sequence[Source]]
         yield sources[start : start + size]
 
 
+def describe_source(position: int, path: Path, *, log_paths: bool) -> str:
+    """How a log line names an input file: its position (1-based) and a short path hash.
+
+    Archive file names often carry patient names or record numbers, so the path itself is
+    logged only when ``CONVIRT_LOG_PATHS`` asks for it; the hash (sha256 of the path, 12
+    hex digits) still lets an operator who has the list find the file.
+    """
+    if log_paths:
+        return f"file {position} ({path})"
+    digest = hashlib.sha256(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"file {position} (path sha256 {digest})"
+
+
 def ingest_sources(
     runtime: Runtime, sources: Sequence[Source], *, batch_size: int, progress: bool
 ) -> dict[str, int]:
-    """Ingest ``sources`` in batches; returns the counts per outcome."""
+    """Ingest ``sources`` in batches; returns the counts per outcome.
+
+    A failing file is logged by :func:`describe_source` (its position in ``sources``).
+    """
+    log_paths = runtime.settings.log_paths
+    positions = {id(source): n for n, source in enumerate(sources, 1)}
     from app.services.ingest import IngestItem
 
     counts = {"created": 0, "existing": 0, "failed": 0}
@@ -105,7 +124,8 @@ def ingest_sources(
                 try:
                     data = source.path.read_bytes()
                 except OSError as exc:
-                    logger.warning("%s: cannot be read: %s", source.path, exc.strerror)
+                    where = describe_source(positions[id(source)], source.path, log_paths=log_paths)
+                    logger.warning("%s: cannot be read: %s", where, exc.strerror)
                     counts["failed"] += 1
                     continue
                 readable.append(source)
@@ -121,7 +141,8 @@ def ingest_sources(
             for source, result in zip(readable, runtime.ingest.ingest(items), strict=True):
                 counts[result.status] += 1
                 if result.error is not None:
-                    logger.warning("%s: %s (%s)", source.path, result.error.code, result.error)
+                    where = describe_source(positions[id(source)], source.path, log_paths=log_paths)
+                    logger.warning("%s: %s (%s)", where, result.error.code, result.error)
             if time.monotonic() - last_save >= SAVE_INTERVAL_S:
                 runtime.index.save_if_dirty()
                 last_save = time.monotonic()

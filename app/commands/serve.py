@@ -94,18 +94,11 @@ def run(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
 
-    import uvicorn
-
     from app.main import create_app
+    from app.serving import build_server
 
     logging.getLogger().setLevel(settings.log_level)
     app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        # The root logger is already configured by the CLI; keep uvicorn from replacing it.
-        log_config=None,
-    )
+    # Bounded connections, and deadlines for slow clients (app.serving).
+    build_server(app, settings).run()
     return 0

@@ -26,6 +26,7 @@ time this process touches the runs.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import threading
@@ -42,6 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import ProblemError
 from app.models import CachedEmbedding, EvaluationRun, Image, utcnow
+from app.services.evaluation_inputs import confine, confine_images, confine_protocol_dir
 from app.services.runtime import Runtime
 from model.errors import ModelError
 from model.evaluation.assemble import OFFICIAL, assemble_protocol
@@ -49,6 +51,7 @@ from model.evaluation.baseline import InitialBackbone
 from model.evaluation.classification import (
     CLASSIFICATION_PROTOCOLS,
     ClassificationRequest,
+    PreparedClassification,
     prepare_classification,
     run_classification,
 )
@@ -293,7 +296,7 @@ class EvaluationJobs:
         if request.protocol in CLASSIFICATION_PROTOCOLS:
             if not request.manifest:
                 raise ProblemError(422, "invalid_request", f"{request.protocol} needs a manifest")
-            prepared = prepare_classification(request.classification())
+            prepared = self._confined_classification(runtime, request)
 
             def classify(progress: ProgressCallback, cancel: threading.Event, out: Path) -> Any:
                 outcome = run_classification(
@@ -335,28 +338,69 @@ class EvaluationJobs:
     def _protocol(
         self, runtime: Runtime, request: EvaluationRequest
     ) -> tuple[RetrievalProtocol, Path | None]:
-        """(validated protocol, image root): stored images are read from the image store."""
+        """(validated protocol, image root): stored images are read from the image store.
+
+        Every path a request names (root, protocol files, manifest, the images they list) is
+        confined to the evaluation roots before the file is opened.
+        """
+        roots = runtime.settings.evaluation_roots
+
+        def confined(protocol: RetrievalProtocol, base: Path | None) -> None:
+            confine_images(((item.path, item.where) for item in protocol.images()), base, roots)
+
         if request.protocol == OFFICIAL:
-            root = Path(request.root) if request.root else None
-            protocol_dir = Path(request.protocol_dir) if request.protocol_dir else None
-            return assemble_protocol(OFFICIAL, root=root, protocol_dir=protocol_dir), root
+            if not request.root:
+                raise ProblemError(422, "invalid_request", "chexpert-8x200 needs the CheXpert root")
+            chexpert_root = confine(request.root, roots, "CheXpert root")
+            protocol_dir = confine_protocol_dir(request.protocol_dir, chexpert_root, roots)
+            official = assemble_protocol(
+                OFFICIAL,
+                root=chexpert_root,
+                protocol_dir=protocol_dir,
+                check=lambda protocol: confined(protocol, chexpert_root),
+            )
+            return official, chexpert_root
         stored = request.protocol == "stored"
+        manifest: Path | None = None
+        if not stored:
+            if not request.manifest:
+                raise ProblemError(422, "invalid_request", "the manifest protocol needs a manifest")
+            manifest = confine(request.manifest, roots, "manifest")
         root = runtime.store.root if stored else None
         protocol = assemble_protocol(
             request.protocol,
             root=root,
-            manifest=Path(request.manifest) if request.manifest else None,
+            manifest=manifest,
             images=self._stored_images(runtime.sessions) if stored else None,
             categories=request.categories,
             text_queries=[
                 TextQuery(category=c, text=t, where=f"text query {i}")
                 for i, (c, t) in enumerate(request.text_queries, 1)
             ],
+            check=None if stored else lambda protocol: confined(protocol, None),
             candidates_per_category=request.candidates_per_category,
             queries_per_category=request.queries_per_category,
             seed=request.seed,
         )
         return protocol, root
+
+    @staticmethod
+    def _confined_classification(
+        runtime: Runtime, request: EvaluationRequest
+    ) -> PreparedClassification:
+        """The classification corpus, its manifest, root and images inside the evaluation roots."""
+        roots = runtime.settings.evaluation_roots
+        manifest = confine(request.manifest or "", roots, "manifest")
+        root = confine(request.root, roots, "image root") if request.root else None
+        wanted = dataclasses.replace(
+            request.classification(),
+            manifest=str(manifest),
+            root=str(root) if root is not None else None,
+        )
+        return prepare_classification(
+            wanted,
+            check=lambda records: confine_images(((r.path, r.where) for r in records), None, roots),
+        )
 
     @staticmethod
     def _stored_images(sessions: sessionmaker[Session]) -> list[LabelledImage]:

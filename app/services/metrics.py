@@ -22,6 +22,13 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+#: HTTP methods counted under their own name; any other method (``FOO``, ``get``…) is
+#: counted as :data:`OTHER_METHOD`, so a client cannot mint new series by inventing methods.
+KNOWN_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD: Final = "other"
+#: Route label of requests that matched no route.
+UNMATCHED_ROUTE: Final = "unmatched"
+
 #: The stages a request goes through; a fixed set keeps the label's cardinality bounded.
 STAGES: Final[tuple[str, ...]] = ("decode", "encode", "search", "database", "store", "index")
 
@@ -103,8 +110,9 @@ class MetricsMiddleware:
     """Pure ASGI middleware that counts and times every HTTP request.
 
     The route label is the matched route's template (``/images/{image_id}``), read from the
-    scope after routing; requests that match no route share the label ``unmatched`` so that
-    scanners probing random paths cannot blow up the number of series.
+    scope after routing; requests that match no route share the label ``unmatched`` and
+    methods outside :data:`KNOWN_METHODS` share ``other``, so that scanners probing random
+    paths or methods cannot blow up the number of series.
     """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
@@ -128,8 +136,10 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = getattr(route, "path", None) or UNMATCHED_ROUTE
             method = str(scope.get("method", ""))
+            if method not in KNOWN_METHODS:
+                method = OTHER_METHOD
             self.metrics.requests.labels(method, template, str(status)).inc()
             self.metrics.request_seconds.labels(method, template).observe(
                 time.perf_counter() - start

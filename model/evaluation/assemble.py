@@ -16,7 +16,7 @@ before a bundle loads or an embedding is computed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from model.evaluation.errors import EvaluationError
@@ -48,13 +48,15 @@ def assemble_protocol(
     queries_per_category: int = 10,
     seed: int = 0,
     params: Mapping[str, object] | None = None,
+    check: Callable[[RetrievalProtocol], None] | None = None,
 ) -> RetrievalProtocol:
     """The validated protocol ``name``; image paths in it are relative to ``root``.
 
     ``root`` is required for ``chexpert-8x200``; for a sampled protocol it is where
     relative image paths start (``None``: as written, absolute or from the working
     directory). A sampled protocol needs ``manifest`` or ``images``; ``params`` adds to
-    what its report says about it.
+    what its report says about it. ``check`` sees the protocol before any image is
+    opened (a caller's own rules on the paths it names).
 
     Raises:
         EvaluationError: the arguments do not describe a protocol (``evaluation_error``).
@@ -82,5 +84,7 @@ def assemble_protocol(
             name=name,
             params=params,
         )
+    if check is not None:
+        check(protocol)
     validate_protocol(protocol, root)
     return protocol

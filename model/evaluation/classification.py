@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -111,14 +111,24 @@ def dataset_name(manifest: str) -> str:
     return f"{path.parent.name}/{path.stem}" if path.stem.lower() in generic else path.stem
 
 
-def prepare_classification(request: ClassificationRequest) -> PreparedClassification:
-    """Read the corpus and the prompt set and check that every image exists."""
+def prepare_classification(
+    request: ClassificationRequest,
+    *,
+    check: Callable[[Sequence[LabelledRecord]], None] | None = None,
+) -> PreparedClassification:
+    """Read the corpus and the prompt set and check that every image exists.
+
+    ``check`` sees the records before any image is looked at (a caller's own rules on the
+    paths they name).
+    """
     if request.protocol not in CLASSIFICATION_PROTOCOLS:
         raise EvaluationError(f"not a classification protocol: {request.protocol}")
     prompt_set = (
         load_prompt_set(request.prompt_set) if request.protocol == ZERO_SHOT_PROTOCOL else None
     )
     records = read_labelled(request.manifest, root=request.root)
+    if check is not None:
+        check(records)
     for record in records:
         if not Path(record.path).is_file():
             raise ProtocolError(f"{record.where}: no image at {record.path}", code="image_missing")

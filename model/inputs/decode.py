@@ -21,23 +21,26 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 import pydicom
 from PIL import Image
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
-from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from model.errors import ModelError
+from model.inputs.grayscale import LutError, dicom_text, dicom_to_unit
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,10 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI = b"\xff\xd8\xff"
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+_PIXEL_DATA: Final = 0x7FE00010
+#: Sequence Delimitation Item (FFFE,E0DD) with its zero length: closes encapsulated pixels.
+_SEQUENCE_DELIMITER: Final = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_UNDEFINED_LENGTH: Final = 0xFFFFFFFF
 # SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range.
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Markers without a length field: TEM and RST0..RST7.
@@ -298,32 +305,73 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
     except MemoryError:
         raise
     except Exception as exc:  # pydicom raises many unrelated types on malformed input
-        raise CorruptImageError(f"unreadable DICOM: {exc}") from exc
+        raise CorruptImageError(f"unreadable DICOM: {_reason(exc)}") from exc
 
     if "PixelData" not in ds and _PIXEL_DATA_TAG in data:
         # pydicom silently drops an encapsulated PixelData cut off before its sequence
         # delimiter (it only warns): the tag in the bytes shows the pixels were there.
         raise CorruptImageError("DICOM pixel data is unreadable: the file looks truncated")
+    _check_complete(ds, data)
     try:
         rows, columns, bits_stored, photometric = _check_dicom_header(ds, max_pixels)
         raw = _dicom_pixels(ds, rows, columns)
-        pixels = _dicom_to_unit(raw, ds, photometric)
+        pixels = dicom_to_unit(raw, ds, photometric)
     except ImageDecodeError:
         raise
+    except LutError as exc:
+        raise CorruptImageError(str(exc)) from None
     except MemoryError:
         raise
     except Exception as exc:  # malformed attribute values surface as assorted errors
-        raise CorruptImageError(f"malformed DICOM image attributes: {exc}") from exc
+        raise CorruptImageError(f"malformed DICOM image attributes: {_reason(exc)}") from exc
     meta = ImageMeta(
         source_format="dicom",
         width=columns,
         height=rows,
         bits=bits_stored,
         photometric=photometric,
-        view_position=_dicom_text(ds, "ViewPosition"),
-        modality=_dicom_text(ds, "Modality"),
+        view_position=dicom_text(ds, "ViewPosition"),
+        modality=dicom_text(ds, "Modality"),
     )
     return DecodedImage(pixels=pixels, meta=meta)
+
+
+_OBJECT_REPR: Final = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _reason(exc: BaseException) -> str:
+    """A decoder's message for a client: object reprs (``<_io.BytesIO object at 0x…>``,
+    which say nothing and leak addresses) are dropped."""
+    return " ".join(_OBJECT_REPR.sub("", str(exc)).split()) or type(exc).__name__
+
+
+def _check_complete(ds: Dataset, data: bytes) -> None:
+    """Refuse a file cut short: pydicom reads a value that ends early without complaint.
+
+    A top-level element whose value holds fewer bytes than its header declares, or
+    encapsulated pixel data without its closing sequence delimiter, means bytes are
+    missing, even when what is left still decodes to an image.
+    """
+    for element in ds._dict.values():  # raw elements: their values are not parsed yet
+        if (
+            isinstance(element, RawDataElement)
+            and element.value is not None
+            and element.length != _UNDEFINED_LENGTH
+            and len(element.value) < element.length
+        ):
+            raise CorruptImageError(
+                f"DICOM element ({element.tag.group:04X},{element.tag.element:04X}) has "
+                f"{len(element.value)} of its {element.length} bytes: the file is truncated"
+            )
+    pixel_data = ds._dict.get(BaseTag(_PIXEL_DATA))
+    if (
+        isinstance(pixel_data, RawDataElement)
+        and pixel_data.length == _UNDEFINED_LENGTH
+        and data.rfind(_SEQUENCE_DELIMITER) < data.rfind(_PIXEL_DATA_TAG)
+    ):
+        raise CorruptImageError(
+            "DICOM pixel data lacks its closing delimiter: the file is truncated"
+        )
 
 
 def _meta_transfer_syntax(data: bytes, has_preamble: bool) -> str | None:
@@ -365,7 +413,7 @@ def _check_dicom_header(ds: Dataset, max_pixels: int) -> tuple[int, int, int, st
         )
 
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    photometric = _dicom_text(ds, "PhotometricInterpretation")
+    photometric = dicom_text(ds, "PhotometricInterpretation")
     if samples != 1 or (photometric is not None and photometric not in _MONOCHROME):
         raise ColorDicomError(
             f"colour DICOM ({photometric}, {samples} samples per pixel) is not a "
@@ -413,160 +461,10 @@ def _dicom_pixels(ds: Dataset, rows: int, columns: int) -> npt.NDArray[Any]:
     except MemoryError:
         raise
     except Exception as exc:  # codec plugins raise their own types on broken streams
-        raise CorruptImageError(f"cannot decode DICOM pixel data: {exc}") from exc
+        raise CorruptImageError(f"cannot decode DICOM pixel data: {_reason(exc)}") from exc
     if raw.shape != (rows, columns):
         raise CorruptImageError(f"DICOM pixel data has shape {raw.shape}, not ({rows}, {columns})")
     return raw
-
-
-def _dicom_to_unit(raw: npt.NDArray[Any], ds: Dataset, photometric: str) -> FloatArray:
-    """Stored values ``(H, W)`` → float32 ``(H, W)`` in ``[0, 1]`` with air dark."""
-    values, low, high = _modality_transform(raw, ds)  # (H, W)
-    unit = _voi_transform(values, ds, low, high)  # (H, W) in [0, 1]
-    if photometric == "MONOCHROME1":
-        # MONOCHROME1 shows its lowest value as white: flipping makes air dark.
-        np.subtract(1.0, unit, out=unit)
-    return np.ascontiguousarray(unit, dtype=np.float32)
-
-
-def _stored_range(ds: Dataset) -> tuple[float, float]:
-    bits = int(ds.BitsStored)
-    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
-        return -float(2 ** (bits - 1)), float(2 ** (bits - 1) - 1)
-    return 0.0, float(2**bits - 1)
-
-
-def _modality_transform(raw: npt.NDArray[Any], ds: Dataset) -> tuple[FloatArray, float, float]:
-    """Apply the Modality LUT or rescale; return the values ``(H, W)`` and their range.
-
-    The range is what the transform can produce from any stored value (Bits Stored
-    through the rescale, or the LUT's entries), not what this image happens to use.
-    """
-    lut_items = ds.get("ModalityLUTSequence")
-    if lut_items:
-        first, table = _lut_table(lut_items[0], ds)
-        return _apply_lut(raw, first, table), float(table.min()), float(table.max())
-    values = raw.astype(np.float32)  # (H, W)
-    low, high = _stored_range(ds)
-    slope = _dicom_float(ds, "RescaleSlope", 1.0)
-    intercept = _dicom_float(ds, "RescaleIntercept", 0.0)
-    if slope != 1.0 or intercept != 0.0:
-        values *= np.float32(slope)
-        values += np.float32(intercept)
-        low, high = sorted((low * slope + intercept, high * slope + intercept))
-    return values, low, high
-
-
-def _voi_transform(values: FloatArray, ds: Dataset, low: float, high: float) -> FloatArray:
-    """Map modality values ``(H, W)`` onto ``[0, 1]`` by the VOI LUT, the window, or range."""
-    lut_items = ds.get("VOILUTSequence")
-    if lut_items:
-        first, table = _lut_table(lut_items[0], ds)
-        return _to_unit(_apply_lut(values, first, table), float(table.min()), float(table.max()))
-    window = _window(ds)
-    if window is not None:
-        return _apply_window(values, *window)
-    return _to_unit(values, low, high)
-
-
-def _window(ds: Dataset) -> tuple[float, float, str] | None:
-    center = _first_number(ds.get("WindowCenter"))
-    width = _first_number(ds.get("WindowWidth"))
-    if center is None or width is None:
-        return None
-    function = (_dicom_text(ds, "VOILUTFunction") or "LINEAR").upper()
-    if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
-        logger.warning("unknown VOI LUT Function %r: using LINEAR", function)
-        function = "LINEAR"
-    if (function == "LINEAR" and width < 1.0) or width <= 0.0:
-        logger.warning("ignoring invalid Window Width %s for %s", width, function)
-        return None
-    return center, width, function
-
-
-def _apply_window(values: FloatArray, center: float, width: float, function: str) -> FloatArray:
-    """PS3.3 C.11.2.1.2 windowing straight onto ``[0, 1]``; ``values`` is ``(H, W)``."""
-    if function == "SIGMOID":
-        exponent = values - np.float32(center)  # (H, W)
-        exponent *= np.float32(-4.0 / width)
-        with np.errstate(over="ignore"):  # exp → inf gives the correct limit 0
-            np.exp(exponent, out=exponent)
-        exponent += np.float32(1.0)
-        return np.reciprocal(exponent, out=exponent)
-    if function == "LINEAR":
-        # The half-pixel offsets make the window of an integer image exactly `width` wide.
-        center, width = center - 0.5, width - 1.0
-        if width == 0.0:
-            return (values > np.float32(center)).astype(np.float32)
-    unit = values - np.float32(center)  # (H, W)
-    unit *= np.float32(1.0 / width)
-    unit += np.float32(0.5)
-    return np.clip(unit, 0.0, 1.0, out=unit)
-
-
-def _to_unit(values: FloatArray, low: float, high: float) -> FloatArray:
-    if high <= low:
-        return np.zeros_like(values)
-    unit = values - np.float32(low)  # (H, W)
-    unit *= np.float32(1.0 / (high - low))
-    return np.clip(unit, 0.0, 1.0, out=unit)
-
-
-def _lut_table(item: Dataset, ds: Dataset) -> tuple[int, FloatArray]:
-    """Return the first mapped input value and the LUT entries ``(N,)`` as float32."""
-    descriptor = item.get("LUTDescriptor")
-    lut_data = item.get("LUTData")
-    if descriptor is None or lut_data is None or len(descriptor) != 3:
-        raise CorruptImageError("DICOM LUT lacks a valid LUT Descriptor or LUT Data")
-    entries = int(descriptor[0]) or 65536
-    first = int(descriptor[1])
-    # The descriptor's second value is US or SS, following Pixel Representation.
-    if int(ds.get("PixelRepresentation", 0) or 0) == 1 and first >= 2**15:
-        first -= 2**16
-    if isinstance(lut_data, bytes):
-        little = ds.file_meta.TransferSyntaxUID.is_little_endian
-        table = np.frombuffer(lut_data, dtype="<u2" if little else ">u2")
-    else:
-        table = np.atleast_1d(np.asarray(lut_data, dtype=np.float64))
-    if table.size < entries:
-        raise CorruptImageError(f"DICOM LUT has {table.size} entries, {entries} declared")
-    return first, table[:entries].astype(np.float32)
-
-
-def _apply_lut(values: npt.NDArray[Any], first: int, table: FloatArray) -> FloatArray:
-    """Look ``values`` ``(H, W)`` up in ``table``; out-of-range inputs take the end entries."""
-    index = np.rint(values.astype(np.float64) - first)  # (H, W)
-    np.clip(index, 0, table.size - 1, out=index)
-    return table[index.astype(np.intp)]
-
-
-def _first_number(value: object) -> float | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, (list, tuple, MultiValue)):
-        if not value:
-            return None
-        value = value[0]
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-
-
-def _dicom_float(ds: Dataset, keyword: str, default: float) -> float:
-    value = _first_number(ds.get(keyword))
-    return default if value is None else value
-
-
-def _dicom_text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    if value is None:
-        return None
-    text = str(value).strip()
-    return text or None
-
-
-# ------------------------------------------------------------------------- PNG/JPEG
 
 
 def _decode_raster(data: bytes, fmt: Literal["png", "jpeg"], max_pixels: int) -> DecodedImage:
@@ -587,11 +485,11 @@ def _decode_raster(data: bytes, fmt: Literal["png", "jpeg"], max_pixels: int) ->
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image refused by Pillow's size limit: {exc}") from exc
+        raise ImageTooLargeError(f"image refused by Pillow's size limit: {_reason(exc)}") from exc
     except MemoryError:
         raise
     except Exception as exc:  # Pillow raises OSError, SyntaxError, zlib.error, ...
-        raise CorruptImageError(f"cannot decode {fmt.upper()}: {exc}") from exc
+        raise CorruptImageError(f"cannot decode {fmt.upper()}: {_reason(exc)}") from exc
     meta = ImageMeta(
         source_format=fmt,
         width=header.width,

@@ -166,7 +166,10 @@ def test_problems(
 ) -> None:
     manifest = _kermany_manifest(tmp_path / "corpus", kermany_images)
     manifest_run = {**STORED_RUN, "protocol": "manifest", "manifest": str(manifest)}
-    settings = make_settings(tmp_path / "data", sqlite_url, bundle_dir)
+    protocol_dir = shared_dir / "protocols" / "chexpert-8x200"
+    settings = make_settings(
+        tmp_path / "data", sqlite_url, bundle_dir, evaluation_roots=[tmp_path, protocol_dir]
+    )
     with running_app(settings, bundle) as client:
         # The official files over a root without the images: 422 naming the file and row.
         empty_root = tmp_path / "chexpert"
@@ -176,13 +179,15 @@ def test_problems(
             json={
                 "protocol": "chexpert-8x200",
                 "root": str(empty_root),
-                "protocol_dir": str(shared_dir / "protocols" / "chexpert-8x200"),
+                "protocol_dir": str(protocol_dir),
             },
         )
         is_problem(missing, 422, "image_missing")
         assert "image-retrieval/candidate.csv line 2" in missing.json()["detail"]
         assert "1680 image(s) missing" in missing.json()["detail"]
-        no_files = client.post("/evaluations", json={"protocol": "chexpert-8x200", "root": "/x"})
+        no_files = client.post(
+            "/evaluations", json={"protocol": "chexpert-8x200", "root": str(tmp_path / "x")}
+        )
         is_problem(no_files, 422, "protocol_file_missing")
         too_few = client.post("/evaluations", json={**manifest_run, "candidates_per_category": 7})
         is_problem(too_few, 422, "not_enough_images")
@@ -250,7 +255,9 @@ def test_manifest_run(
     kermany_images: list[tuple[bytes, dict[str, float | None]]],
 ) -> None:
     manifest = _kermany_manifest(tmp_path / "corpus", kermany_images)
-    settings = make_settings(tmp_path / "data", sqlite_url, bundle_dir)
+    settings = make_settings(
+        tmp_path / "data", sqlite_url, bundle_dir, evaluation_roots=[tmp_path / "corpus"]
+    )
     with running_app(settings, bundle) as client:
         body = {
             **{k: v for k, v in STORED_RUN.items() if k != "protocol"},

@@ -176,7 +176,11 @@ def test_command_and_endpoint_score_far_above_random(
     )
 
     # The endpoint, on the same tree and bundle, scores exactly what the command scored.
-    settings = Settings(data_dir=tmp_path / "service", bundle_dir=layout["bundle"])
+    settings = Settings(
+        data_dir=tmp_path / "service",
+        bundle_dir=layout["bundle"],
+        evaluation_roots=[layout["base"], layout["protocol_dir"]],
+    )
     app = create_app(settings, bundle=EncoderBundle.load(layout["bundle"], device="cpu"))
     with TestClient(app) as client:
         response = client.post(
