@@ -28,7 +28,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -60,7 +60,7 @@ from model.training.config import (
 from model.training.schedule import EarlyStopping, LRSchedule
 
 if TYPE_CHECKING:
-    from model.convirt import ConVIRT
+    from model.convirt import EncoderModel
 
 logger = logging.getLogger(__name__)
 
@@ -408,6 +408,9 @@ class Trainer:
         resume_from: a full checkpoint (``last.pt``) to continue exactly.
         step_callback: called after every optimizer step with the global step count
             (progress hooks, tests).
+        init_weights: a full state dict to start from instead of the pretrained towers
+            (``convirt train --init-from BUNDLE``: fine-tuning an exported or imported
+            bundle); ignored when resuming, whose checkpoint holds the weights.
     """
 
     def __init__(
@@ -416,8 +419,9 @@ class Trainer:
         *,
         resume_from: str | os.PathLike[str] | None = None,
         step_callback: Callable[[int], None] | None = None,
+        init_weights: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        from model.convirt import build_model
+        from model.convirt import build_encoder
         from model.loss import ConVIRTLoss
 
         self.config = config
@@ -441,10 +445,13 @@ class Trainer:
         random.seed(run.seed)
         np.random.seed(run.seed)
         torch.manual_seed(run.seed)
-        # Resumed weights come from the checkpoint: no need to read the pretrained ones.
-        model = build_model(config.model, pretrained=False if checkpoint is not None else None)
+        # Resumed or initial weights replace the pretrained ones: no need to read those.
+        given = checkpoint is not None or init_weights is not None
+        model = build_encoder(config.model, pretrained=False if given else None)
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
+        elif init_weights is not None:
+            model.load_state_dict(init_weights, strict=True)
         device = self.ctx.device
         self.autocast_dtype, use_scaler = resolve_precision(run.precision, device)
         self.channels_last = run.channels_last and device.type == "cuda"
@@ -453,7 +460,7 @@ class Trainer:
         model = model.to(device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.module: ConVIRT = model
+        self.module: EncoderModel = model
         self.model: nn.Module = model
         if self.ctx.distributed:
             self.model = nn.parallel.DistributedDataParallel(
@@ -1035,20 +1042,23 @@ def train(
     *,
     resume_from: str | os.PathLike[str] | None = None,
     step_callback: Callable[[int], None] | None = None,
+    init_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Run one training job to its end (see :class:`Trainer`)."""
-    trainer = Trainer(config, resume_from=resume_from, step_callback=step_callback)
+    trainer = Trainer(
+        config, resume_from=resume_from, step_callback=step_callback, init_weights=init_weights
+    )
     try:
         return trainer.fit()
     finally:
         trainer.close()
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[ConVIRT, TrainConfig]:
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[EncoderModel, TrainConfig]:
     """Rebuild the model stored in a loaded checkpoint (no pretrained weights are read)."""
-    from model.convirt import build_model
+    from model.convirt import build_encoder
 
     config = train_config_from_dict(checkpoint["config"])
-    model = build_model(config.model, pretrained=False)
+    model = build_encoder(config.model, pretrained=False)
     model.load_state_dict(checkpoint["model"])
     return model, config
