@@ -57,6 +57,7 @@ from model.training.config import (
     train_config_from_dict,
     train_config_to_dict,
 )
+from model.training.regularise import L2SP, backbone_param_groups
 from model.training.schedule import EarlyStopping, LRSchedule
 
 if TYPE_CHECKING:
@@ -530,7 +531,7 @@ class Trainer:
         trainable = [p for p in self.module.parameters() if p.requires_grad]
         optim = config.optim
         self.optimizer = torch.optim.AdamW(
-            trainable,
+            backbone_param_groups(self.module, optim),
             lr=optim.lr,
             betas=(optim.beta1, optim.beta2),
             weight_decay=optim.weight_decay,
@@ -552,6 +553,14 @@ class Trainer:
             run.early_stopping_patience, run.early_stopping_min_delta
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        # L2-SP pulls towards the run's start: the weights now, or for a resumed run the
+        # pretrained backbone it started from.
+        start = None
+        if checkpoint is not None and optim.l2sp > 0 and config.model.imported is None:
+            from model.towers.image import build_image_tower
+
+            start = build_image_tower(config.model.image)
+        self._l2sp = L2SP.of(self.module, optim.l2sp, start)
 
         self.epoch = 0
         self.step_in_epoch = 0
@@ -639,7 +648,9 @@ class Trainer:
         )
         with context:
             loss = self.compute_loss(images, texts)
-            scaled = loss / self.config.data.grad_accum_steps
+            # L2-SP pulls the backbone towards its start; the reported loss stays ConVIRT's.
+            total = loss + self._l2sp.penalty() if self._l2sp is not None else loss
+            scaled = total / self.config.data.grad_accum_steps
             self.scaler.scale(scaled).backward()
         return loss.detach()
 

@@ -12,14 +12,15 @@ from pathlib import Path
 import torch
 
 #: Words of the synthetic reports and the usual queries; everything else is [UNK].
-WORDS = tuple(
+_WORD_TEXT = (
     "no acute cardiopulmonary process normal chest the a of and with without is are "
     "there left right bilateral lung lungs base bases upper lower lobe pleural effusion "
     "effusions pneumothorax consolidation opacity opacities atelectasis edema pulmonary "
     "cardiomegaly enlarged cardiac silhouette heart size mediastinum fracture rib support "
     "device devices tube line catheter pacemaker lesion nodule mass pneumonia small large "
     "moderate mild severe blunting costophrenic angle angles clear stable new increased"
-).split()
+)
+WORDS = tuple(_WORD_TEXT.split())
 SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 TEXT_LENGTH = 16
 IMAGE_SIZE = 32
