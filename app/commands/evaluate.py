@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
 
     from model.bundle import EncoderBundle
     from model.errors import ModelError
-    from model.evaluation.baseline import InitialBackbone
+    from model.evaluation.baseline import InitialBackbone, has_backbone_baseline
     from model.evaluation.cache import CACHE_FILE, SqliteEmbeddingCache
     from model.evaluation.protocol import validate_protocol
     from model.evaluation.report import write_report
@@ -211,7 +211,9 @@ def run(args: argparse.Namespace) -> int:
         validate_protocol(protocol, root)
         bundle = EncoderBundle.load(bundle_dir, device=args.device)
         cache = None if args.no_cache else SqliteEmbeddingCache(args.cache or out / CACHE_FILE)
-        backbone = None if args.no_backbone else InitialBackbone.from_bundle(bundle)
+        # An imported model is one network: there is no untrained backbone of its own.
+        wanted = not args.no_backbone and has_backbone_baseline(bundle)
+        backbone = InitialBackbone.from_bundle(bundle) if wanted else None
         options = EvaluationOptions(
             ks=ks,
             random_repeats=args.random_repeats,

@@ -41,7 +41,7 @@ from app.errors import ProblemError
 from app.models import CachedEmbedding, EvaluationRun, Image, utcnow
 from app.services.runtime import Runtime
 from model.errors import ModelError
-from model.evaluation.baseline import InitialBackbone
+from model.evaluation.baseline import InitialBackbone, has_backbone_baseline
 from model.evaluation.protocol import (
     RetrievalProtocol,
     TextQuery,
@@ -338,7 +338,9 @@ class EvaluationJobs:
 
         try:
             self._update(sessions, run_id, status="running", started_at=utcnow())
-            backbone = InitialBackbone.from_bundle(runtime.bundle) if with_backbone else None
+            # An imported model is one network: there is no untrained backbone of its own.
+            wanted = with_backbone and has_backbone_baseline(runtime.bundle)
+            backbone = InitialBackbone.from_bundle(runtime.bundle) if wanted else None
             result = run_evaluation(
                 protocol,
                 runtime.bundle,
