@@ -197,3 +197,62 @@ def test_bundles_without_provenance_still_load(bundle_dir: Path, tmp_path: Path)
     assert bundle.provenance["origin"] == "trained"
     assert "not recorded" in bundle.provenance["training_data"]
     assert bundle.provenance["synthetic_data"] is False
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model.data.synthetic import generate_corpus
+
+    return generate_corpus(tmp_path_factory.mktemp("pairs"), 40, seed=3, size=64, progress=False)
+
+
+def test_train_init_from_fine_tunes_an_imported_bundle(
+    imported: dict, pairs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    status = cli_main(
+        [
+            "train",
+            "--init-from",
+            str(imported["bundle_dir"]),
+            "--data",
+            str(pairs),
+            "--out",
+            str(run),
+            "--max-steps",
+            "3",
+            "--no-progress",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "data.use_manifest_split=false",
+            "optim.lr=1e-3",
+            "train.precision=fp32",
+        ]
+    )
+    assert status == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 3
+    out = tmp_path / "tuned"
+    assert cli_main(["export", str(run), "--out", str(out), "--name", "tuned"]) == 0
+    tuned = EncoderBundle.load(out, device="cpu")
+    assert tuned.dim == imported["dim"]
+    assert tuned.provenance["origin"] == "trained"
+    assert tuned.provenance["source"] == f"fine-tuned from {imported['source']}"
+    assert str(pairs) in tuned.provenance["training_data"]
+    # The ConVIRT loss moved the published weights: both towers changed, shapes did not.
+    before = load_file(str(imported["bundle_dir"] / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any("vision" in k for k in changed)
+    assert any("text" in k for k in changed)
+    assert tuned.encode_texts(["pleural effusion"]).shape == (1, imported["dim"])
+
+
+def test_init_from_and_resume_exclude_each_other(imported: dict, tmp_path: Path) -> None:
+    status = cli_main(
+        ["train", "--init-from", str(imported["bundle_dir"]), "--resume", str(tmp_path)]
+    )
+    assert status == 2
