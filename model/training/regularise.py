@@ -29,21 +29,24 @@ def image_backbone(module: EncoderModel) -> nn.Module | None:
 
 
 def backbone_param_groups(module: EncoderModel, optim: OptimConfig) -> list[dict[str, Any]]:
-    """AdamW parameter groups: the image backbone's (scaled, maybe frozen first), the rest."""
+    """AdamW parameter groups: the image backbone's (scaled, maybe frozen first), the rest.
+
+    Without either option there is one group, as before these options existed, so the
+    optimizer state of older checkpoints still loads when their runs are resumed.
+    """
     backbone = image_backbone(module)
     mine = {id(p) for p in backbone.parameters()} if backbone is not None else set()
     trainable = [p for p in module.parameters() if p.requires_grad]
     heads = [p for p in trainable if id(p) not in mine]
     tower = [p for p in trainable if id(p) in mine]
-    if not tower:
-        return [{"params": heads}]
     scaled = optim.image_backbone_lr_scale != 1.0 or optim.image_backbone_frozen_steps > 0
-    if scaled:
-        logger.info(
-            "image backbone: learning rate x%g, still for the first %d steps",
-            optim.image_backbone_lr_scale,
-            optim.image_backbone_frozen_steps,
-        )
+    if not tower or not scaled:
+        return [{"params": trainable}]
+    logger.info(
+        "image backbone: learning rate x%g, still for the first %d steps",
+        optim.image_backbone_lr_scale,
+        optim.image_backbone_frozen_steps,
+    )
     return [
         {"params": heads},
         {
