@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from model.config import InvalidConfigError
+from model.convirt import ConVIRT
 from model.data.synthetic import generate_corpus
 from model.training.config import load_train_config
 from model.training.trainer import Trainer
@@ -65,8 +66,9 @@ def test_frozen_steps_hold_the_backbone_while_the_heads_learn(
     )
     trainer = Trainer(config)
     try:
-        backbone = trainer.module.image_encoder  # type: ignore[union-attr]
-        heads = trainer.module.image_projection  # type: ignore[union-attr]
+        assert isinstance(trainer.module, ConVIRT)
+        backbone = trainer.module.image_encoder
+        heads = trainer.module.image_projection
         start_backbone, start_heads = _snapshot(backbone), _snapshot(heads)
         _steps(trainer, 2)
         assert _moved(start_backbone, backbone) == 0.0
@@ -86,7 +88,8 @@ def test_l2sp_pulls_towards_the_initial_weights(
         torch.manual_seed(0)
         trainer = Trainer(tiny_config(corpus, out, towers, f"optim.l2sp={alpha}"))
         try:
-            backbone = trainer.module.image_encoder  # type: ignore[union-attr]
+            assert isinstance(trainer.module, ConVIRT)
+            backbone = trainer.module.image_encoder
             start = _snapshot(backbone)
             if alpha > 0:
                 assert trainer._l2sp is not None
