@@ -65,6 +65,12 @@ class ImageTowerConfig:
     "repeat"``) normalised with the backbone's own mean/std: pretrained first-layer filters
     then see inputs distributed like their training data, and any transformers backbone is
     usable unchanged (no surgery on its first convolution).
+
+    ``freeze_batchnorm`` keeps the backbone's batch-norm statistics at their pretrained
+    values during training. Training in train mode moves them to the training images'
+    statistics whatever the learning rate, and on a corpus unlike real radiographs (the
+    synthetic demo) that alone costs real-image retrieval (measured by
+    ``tests/benchmarks/quality_real.py``).
     """
 
     name: str = "efficientnet_lite0"
@@ -72,6 +78,7 @@ class ImageTowerConfig:
     path_or_id: str | None = None
     input_size: int = 224
     in_channels_strategy: str = "repeat"
+    freeze_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("name", self.name, IMAGE_TOWER_NAMES)

@@ -112,3 +112,27 @@ def test_the_options_are_checked() -> None:
     ):
         with pytest.raises(InvalidConfigError, match=bad.split("=")[0].split(".")[1]):
             load_train_config("cpu-small", [bad])
+
+
+def test_frozen_batchnorm_keeps_the_pretrained_statistics_in_training() -> None:
+    from model.config import ImageTowerConfig
+    from model.towers.image import build_image_tower
+
+    def after_one_batch(freeze: bool) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
+        torch.manual_seed(0)
+        tower = build_image_tower(
+            ImageTowerConfig(input_size=64, freeze_batchnorm=freeze), pretrained=False
+        )
+        start = {k: v.clone() for k, v in tower.state_dict().items() if "running" in k}
+        tower.train()
+        tower(torch.rand(4, 3, 64, 64) * 3.0 + 1.0)  # far from the weights' statistics
+        return start, tower
+
+    start, frozen = after_one_batch(True)
+    assert frozen.training
+    state = frozen.state_dict()
+    assert start
+    assert all(torch.equal(start[k], state[k]) for k in start)
+    start, free = after_one_batch(False)
+    state = free.state_dict()
+    assert any(not torch.equal(start[k], state[k]) for k in start)
