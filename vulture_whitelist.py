@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from app.api.classify import FindingPublic
 from app.models import Base, EncoderModel, Image, UTCDateTime
-from app.schemas import ImageRecord, SearchPublic, UploadResponse
+from app.schemas import ImageRecord, SearchPublic, ServingModelPublic, UploadResponse
 from app.services.budget import PixelBudget
 from index.faiss_index import VectorIndex
 from index.manifest import IndexManifest
@@ -60,6 +60,7 @@ faiss.SearchParametersHNSW.sel
 
 # Response fields read by clients, filled by keyword.
 FindingPublic.knn
+ServingModelPublic.synthetic_data
 
 # Parsed fields of an IU X-ray report and of a synthetic study's geometry: kept whole
 # for whoever inspects a record or a drawing (the synthetic tests measure the drawing

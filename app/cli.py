@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo_data",
     "train",
     "export",
+    "import_model",
     "db",
     "serve",
     "ingest",

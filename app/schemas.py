@@ -201,6 +201,21 @@ class HealthPublic(BaseModel):
     status: Literal["ok"]
 
 
+class ServingModelPublic(BaseModel):
+    """The model that answers searches: who it is, where it comes from, what it learned on."""
+
+    name: str
+    model_id: str
+    dim: int = Field(description="Size of its embedding space (512 for ConVIRT).")
+    origin: Literal["trained", "imported"] = Field(
+        description="Trained by this project's trainer, or a published model imported."
+    )
+    source: str | None = Field(description="What it was imported or fine-tuned from, if so.")
+    training_data: str = Field(description="What it was trained on, as the bundle records it.")
+    synthetic_data: bool = Field(description="Trained on generated images (the demo model).")
+    warning: str | None = Field(description="A plain warning to show with its results, if any.")
+
+
 class ReadyPublic(BaseModel):
     status: Literal["ready"]
     model_id: str
@@ -210,3 +225,4 @@ class ReadyPublic(BaseModel):
         default_factory=list,
         description="conditions that do not stop serving, e.g. an index not yet saved to disk",
     )
+    model: ServingModelPublic

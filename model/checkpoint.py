@@ -24,7 +24,7 @@ from model.errors import ModelError
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
-    from model.convirt import ConVIRT
+    from model.convirt import EncoderModel
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,14 @@ def checkpoint_temperature(checkpoint: Mapping[str, Any]) -> float:
     return float(value) if isinstance(value, int | float) else LossConfig().temperature
 
 
-def model_from_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[ConVIRT, ModelConfig]:
+def checkpoint_data_source(checkpoint: Mapping[str, Any]) -> str:
+    """The run's ``data.source`` (a manifest path or an adapter spec; "" when absent)."""
+    data = _stored_config(checkpoint).get("data")
+    source = data.get("source") if isinstance(data, Mapping) else None
+    return source if isinstance(source, str) else ""
+
+
+def model_from_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[EncoderModel, ModelConfig]:
     """Rebuild the model stored in a loaded checkpoint (no pretrained weights are read).
 
     Returns the model with the checkpoint's weights and the ``model`` section of the
@@ -167,10 +174,10 @@ def model_from_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[ConVIRT, Model
     section is malformed.
     """
     from model.config import ModelConfig, config_from_dict
-    from model.convirt import build_model
+    from model.convirt import build_encoder
 
     section = _stored_config(checkpoint).get("model", {})
     config = config_from_dict(ModelConfig, section)
-    model = build_model(config, pretrained=False)
+    model = build_encoder(config, pretrained=False)
     model.load_state_dict(checkpoint["model"])
     return model, config

@@ -26,6 +26,7 @@ IMAGE_TOWER_NAMES = ("efficientnet_lite0", "resnet50", "hf")
 CHANNEL_STRATEGIES = ("repeat",)
 POOLINGS = ("max", "mean")
 PROJECTION_KINDS = ("nonlinear", "linear")
+TEXT_PADDINGS = ("longest", "max_length")
 
 
 class InvalidConfigError(ModelError):
@@ -64,6 +65,12 @@ class ImageTowerConfig:
     "repeat"``) normalised with the backbone's own mean/std: pretrained first-layer filters
     then see inputs distributed like their training data, and any transformers backbone is
     usable unchanged (no surgery on its first convolution).
+
+    ``freeze_batchnorm`` keeps the backbone's batch-norm statistics at their pretrained
+    values during training. Training in train mode moves them to the training images'
+    statistics whatever the learning rate, and on a corpus unlike real radiographs (the
+    synthetic demo) that alone costs real-image retrieval (measured by
+    ``tests/benchmarks/quality_real.py``).
     """
 
     name: str = "efficientnet_lite0"
@@ -71,6 +78,7 @@ class ImageTowerConfig:
     path_or_id: str | None = None
     input_size: int = 224
     in_channels_strategy: str = "repeat"
+    freeze_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("name", self.name, IMAGE_TOWER_NAMES)
@@ -179,12 +187,58 @@ class LossConfig:
 
 
 @dataclass
+class ImportedModelConfig:
+    """A published transformers image–text model used whole, in place of the towers.
+
+    ``path_or_id`` is a directory (or hub id) with the model's ``config.json``, tokenizer
+    and image processor files; ``convirt import`` writes it and fills the rest from the
+    model and its image processor, and ``source`` keeps the hub id or directory it was
+    imported from (``path_or_id`` moves with the bundle). The image is framed as the
+    eval transform does it: shorter side resized to ``resize``, centre crop of
+    ``input_size``, normalised with ``mean``/``std``. ``text_padding`` is
+    ``"max_length"`` for models trained on padded text (SigLIP pools its last position,
+    so the padding is part of its input), and ``text_attention_mask`` False for those
+    that were trained without a mask.
+    """
+
+    path_or_id: str = ""
+    source: str = ""
+    model_type: str = ""
+    input_size: int = 224
+    resize: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    text_padding: str = "longest"
+    text_attention_mask: bool = True
+    max_length: int = 77
+
+    def __post_init__(self) -> None:
+        if not self.path_or_id:
+            raise InvalidConfigError("path_or_id: an imported model needs its files")
+        _check_choice("text_padding", self.text_padding, TEXT_PADDINGS)
+        if not 1 <= self.input_size <= self.resize:
+            raise InvalidConfigError(
+                f"input_size: {self.input_size} must be positive and at most resize ({self.resize})"
+            )
+        if any(s <= 0 for s in self.std):
+            raise InvalidConfigError(f"std: {self.std} must be positive")
+        if self.max_length < 2:
+            raise InvalidConfigError(f"max_length: {self.max_length} leaves no room for text")
+
+
+@dataclass
 class ModelConfig:
-    """The whole trainable model: both towers and the projection heads."""
+    """The whole trainable model: both towers and the projection heads.
+
+    With ``imported`` set the model is that published image–text model instead, and
+    ``image``/``text`` are unused; ``projection.dim`` then records the model's own
+    embedding size (``convirt import`` sets it), which everything downstream follows.
+    """
 
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    imported: ImportedModelConfig | None = None
 
 
 def _join(path: str, key: str) -> str:

@@ -32,6 +32,7 @@ from torch import nn
 
 from model.config import AugmentConfig, ModelConfig
 from model.errors import ModelError
+from model.imported import ImportedDualEncoder
 from model.towers.heads import ProjectionHead
 from model.towers.image import build_image_tower
 from model.towers.text import TextTower
@@ -155,3 +156,21 @@ def build_model(config: ModelConfig, *, pretrained: bool | None = None) -> ConVI
         trainable,
     )
     return model
+
+
+#: What :func:`build_encoder` returns: a ConVIRT model or an imported one with its surface.
+EncoderModel = ConVIRT | ImportedDualEncoder
+
+
+def build_encoder(config: ModelConfig, *, pretrained: bool | None = None) -> EncoderModel:
+    """The model ``config`` describes: an imported image–text model or a ConVIRT one."""
+    if config.imported is not None:
+        model = ImportedDualEncoder(config, pretrained=pretrained)
+        logger.info(
+            "built imported %s model from %s: %d-d embeddings",
+            config.imported.model_type or "image-text",
+            config.imported.path_or_id,
+            model.dim,
+        )
+        return model
+    return build_model(config, pretrained=pretrained)

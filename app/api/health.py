@@ -8,8 +8,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from app.api.deps import MetricsDep
 from app.api.problems import problem_responses
 from app.errors import ProblemError
-from app.schemas import HealthPublic, ReadyPublic
+from app.schemas import HealthPublic, ReadyPublic, ServingModelPublic
 from app.security import require_api_key
+from app.services.provenance import serving_model
 from app.services.runtime import Runtime
 
 router = APIRouter(tags=["operations"])
@@ -35,6 +36,7 @@ async def ready(request: Request) -> ReadyPublic:
     """200 when the encoder bundle is loaded, the database answers and the index holds
     exactly the stored vectors of the current model; otherwise a 503 problem whose code
     says which: ``service_not_ready``, ``database_unavailable`` or ``index_inconsistent``.
+    ``model`` names the serving model, where it comes from and what it was trained on.
     """
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     if runtime is None:
@@ -49,6 +51,7 @@ async def ready(request: Request) -> ReadyPublic:
         images=state.images,
         index_vectors=state.vectors,
         notes=list(state.notes),
+        model=ServingModelPublic(**serving_model(runtime.bundle)),
     )
 
 

@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
     from model.bundle import EncoderBundle
     from model.errors import ModelError
-    from model.evaluation.baseline import InitialBackbone
+    from model.evaluation.baseline import InitialBackbone, has_backbone_baseline
     from model.evaluation.cache import CACHE_FILE, SqliteEmbeddingCache
     from model.evaluation.report_files import write_report
     from model.evaluation.runner import EvaluationOptions, run_evaluation
@@ -209,7 +209,9 @@ def run(args: argparse.Namespace) -> int:
         protocol, root = _load_protocol(args)
         bundle = EncoderBundle.load(bundle_dir, device=args.device)
         cache = None if args.no_cache else SqliteEmbeddingCache(args.cache or out / CACHE_FILE)
-        backbone = None if args.no_backbone else InitialBackbone.from_bundle(bundle)
+        # An imported model is one network: there is no untrained backbone of its own.
+        wanted = not args.no_backbone and has_backbone_baseline(bundle)
+        backbone = InitialBackbone.from_bundle(bundle) if wanted else None
         options = EvaluationOptions(
             ks=ks,
             random_repeats=args.random_repeats,

@@ -1,9 +1,11 @@
 """``convirt export CHECKPOINT --out DIR``: write the encoder bundle the service loads.
 
 The bundle holds the weights (safetensors), the model and preprocessing config (JSON),
-the tokenizer files and a manifest with the model id (``sha256:…`` over weights and config)
-and the sha256 of every file. CHECKPOINT is a checkpoint file (``best.pt``, ``last.pt``)
-or a run directory, whose ``best.pt`` is used when present, else ``last.pt``.
+the tokenizer files and a manifest with the model id (``sha256:…`` over weights and config),
+the sha256 of every file and the model's provenance (trained here, on ``--training-data``:
+by default a description of the run's data source). CHECKPOINT is a checkpoint file
+(``best.pt``, ``last.pt``) or a run directory, whose ``best.pt`` is used when present,
+else ``last.pt``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,16 @@ def register(subparsers: Any) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run directory")
     parser.add_argument("--out", metavar="DIR", required=True, help="bundle directory to write")
     parser.add_argument("--name", help="model name stored in the bundle (default: the run's)")
+    parser.add_argument(
+        "--training-data",
+        metavar="TEXT",
+        help="what the model was trained on, shown with its results (default: the run's data)",
+    )
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="the training images were generated: the page warns that real results mean nothing",
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace DIR if it already holds files"
     )
@@ -50,7 +62,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         out = export_bundle(
-            _checkpoint_file(args.checkpoint), args.out, name=args.name, overwrite=args.overwrite
+            _checkpoint_file(args.checkpoint),
+            args.out,
+            name=args.name,
+            overwrite=args.overwrite,
+            training_data=args.training_data,
+            synthetic=args.synthetic,
         )
         manifest = read_bundle_manifest(out)
     except ModelError as exc:

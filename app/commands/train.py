@@ -3,11 +3,15 @@
     convirt train --config cpu-small --data pairs.csv [key.path=value ...]
     convirt train --config paper --data mimic-cxr:/data/mimic-cxr-jpg optim.lr=3e-4
     convirt train --resume runs/cpu-small            # continue exactly where it stopped
+    convirt train --init-from bundles/clip --data pairs.csv optim.lr=1e-5   # fine-tune
 
 ``--config`` is a YAML file or a shipped config name (``cpu-small``, ``paper``); overrides
 are ``key.path=value`` with YAML values. ``--data`` accepts a manifest (CSV/JSONL) or
 ``mimic-cxr:ROOT`` / ``iu-xray:ROOT``. SIGINT or SIGTERM saves a checkpoint and exits
 with status 130 or 143; ``--resume`` (a checkpoint or the run directory) continues it.
+``--init-from BUNDLE`` starts from an exported or imported (``convirt import``) bundle:
+its model and weights replace the config's ``model`` section and pretrained towers, and
+training continues with the ConVIRT loss; keep the bundle until the run is exported.
 Several GPUs: ``torchrun --nproc_per_node=N -m app.cli train ...``.
 """
 
@@ -19,7 +23,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from model.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +56,11 @@ def register(subparsers: Any) -> None:
         metavar="PATH",
         help="continue from a checkpoint (last.pt) or a run directory; its config is reused",
     )
+    parser.add_argument(
+        "--init-from",
+        metavar="BUNDLE",
+        help="start from an encoder bundle's model and weights (fine-tune an imported model)",
+    )
     parser.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
     parser.add_argument(
         "--time-budget", type=float, metavar="SECONDS", help="stop after this much wall time"
@@ -69,6 +83,25 @@ def _resume_checkpoint(path: str) -> Path:
     return candidate
 
 
+def _init_config(
+    config_name: str, bundle: str, overrides: list[str]
+) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
+    """The run's config with the bundle's model section (overrides on top), and its weights."""
+    from model.bundle import bundle_init
+    from model.config import config_to_dict
+    from model.training.config import (
+        apply_overrides,
+        load_train_config,
+        train_config_from_dict,
+        train_config_to_dict,
+    )
+
+    model_config, weights = bundle_init(bundle)
+    data = train_config_to_dict(load_train_config(config_name))
+    data["model"] = config_to_dict(model_config)
+    return train_config_from_dict(apply_overrides(data, overrides)), weights
+
+
 def run(args: argparse.Namespace) -> int:
     from model.errors import ModelError
     from model.training.config import load_train_config, resume_config
@@ -89,8 +122,14 @@ def run(args: argparse.Namespace) -> int:
         if "=" not in text:
             logger.error("override %r is not of the form key.path=value", text)
             return 2
+    if args.resume and args.init_from:
+        logger.error("--resume and --init-from exclude each other")
+        return 2
     try:
-        if args.resume:
+        if args.init_from:
+            config, weights = _init_config(args.config or "cpu-small", args.init_from, overrides)
+            result = train(config, init_weights=weights)
+        elif args.resume:
             checkpoint = _resume_checkpoint(args.resume)
             if args.config:
                 logger.warning("--config ignored: a resumed run keeps its checkpoint's config")

@@ -47,7 +47,7 @@ from app.services.evaluation_inputs import confine, confine_images, confine_prot
 from app.services.runtime import Runtime
 from model.errors import ModelError
 from model.evaluation.assemble import OFFICIAL, assemble_protocol
-from model.evaluation.baseline import InitialBackbone
+from model.evaluation.baseline import InitialBackbone, has_backbone_baseline
 from model.evaluation.classification import (
     CLASSIFICATION_PROTOCOLS,
     ClassificationRequest,
@@ -318,7 +318,9 @@ class EvaluationJobs:
         def retrieve(progress: ProgressCallback, cancel: threading.Event, out: Path) -> Any:
             from model.evaluation.report_files import write_report
 
-            backbone = InitialBackbone.from_bundle(runtime.bundle) if request.backbone else None
+            # An imported model is one network: there is no untrained backbone of its own.
+            wanted = request.backbone and has_backbone_baseline(runtime.bundle)
+            backbone = InitialBackbone.from_bundle(runtime.bundle) if wanted else None
             result = run_evaluation(
                 protocol,
                 runtime.bundle,

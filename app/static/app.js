@@ -30,6 +30,11 @@
   const $ = (id) => document.getElementById(id);
   const el = {
     status: $("service-status"),
+    modelInfo: $("model-info"),
+    modelWarning: $("model-warning"),
+    queryFigure: $("query-figure"),
+    queryImage: $("query-image"),
+    queryCaption: $("query-caption"),
     alert: $("alert"),
     alertTitle: $("alert-title"),
     alertDetail: $("alert-detail"),
@@ -70,6 +75,10 @@
   // Each search gets a number; answers of an older search arriving late are dropped.
   let searchSeq = 0;
   let detailImageId = null;
+  // Object URL of the query image shown beside the results (revoked by the next query).
+  let queryUrl = null;
+  // Each query image gets a number; a stored thumbnail arriving after a newer query is dropped.
+  let querySeq = 0;
 
   class ApiError extends Error {
     constructor(title, detail, status, code) {
@@ -182,12 +191,27 @@
       const ready = await apiJson("ready");
       el.status.textContent = `Ready · ${ready.images} images · model ${shortId(ready.model_id)}`;
       el.status.dataset.state = "ready";
+      showModel(ready.model);
       loadEvaluation();
     } catch (err) {
       el.status.textContent = `Not ready: ${err.detail || err.title}`;
       el.status.dataset.state = "not-ready";
       window.setTimeout(checkReady, READY_RETRY_MS);
     }
+  }
+
+  // Which model answers, where it comes from and what it learned on: results mean little
+  // without it. The warning (the synthetic demo) stays on screen for as long as it serves.
+  function showModel(model) {
+    if (!model) return;
+    const origin = model.origin === "imported"
+      ? `imported${model.source ? ` from ${model.source}` : ""}`
+      : `trained here${model.source ? ` (${model.source})` : ""}`;
+    el.modelInfo.textContent =
+      `Model: ${model.name} · ${origin} · trained on ${model.training_data} · ${model.dim}-d`;
+    el.modelInfo.hidden = false;
+    el.modelWarning.textContent = model.warning || "";
+    el.modelWarning.hidden = !model.warning;
   }
 
   function shortId(modelId) {
@@ -223,8 +247,53 @@
     return Number.parseInt(el.k.value, 10) || 12;
   }
 
+  // ---------------------------------------------------------------- query image
+
+  function clearQueryImage() {
+    querySeq += 1;
+    if (queryUrl) URL.revokeObjectURL(queryUrl);
+    queryUrl = null;
+    el.queryImage.removeAttribute("src");
+    el.queryImage.hidden = false;
+    el.queryCaption.textContent = "";
+    el.queryFigure.hidden = true;
+  }
+
+  // Browsers draw PNG and JPEG themselves; a DICOM is named but cannot be drawn here.
+  function showQueryFile(file) {
+    clearQueryImage();
+    const drawable = file.type === "image/png" || file.type === "image/jpeg";
+    if (drawable) {
+      queryUrl = URL.createObjectURL(file);
+      el.queryImage.src = queryUrl;
+      el.queryImage.alt = `Query image ${file.name}`;
+      el.queryCaption.textContent = `Query: ${file.name}`;
+    } else {
+      el.queryImage.hidden = true;
+      el.queryCaption.textContent = `Query: ${file.name} (a DICOM file: the browser cannot draw it)`;
+    }
+    el.queryFigure.hidden = false;
+  }
+
+  function showQueryStored(imageId) {
+    clearQueryImage();
+    const seq = querySeq;
+    el.queryImage.alt = `Query image ${imageId} (thumbnail)`;
+    el.queryCaption.textContent = `Query: stored image ${imageId}`;
+    el.queryFigure.hidden = false;
+    api(`images/${imageId}/thumbnail`, { headers: { Accept: "image/png" } })
+      .then((response) => response.blob())
+      .then((blob) => {
+        if (seq !== querySeq) return;
+        queryUrl = URL.createObjectURL(blob);
+        el.queryImage.src = queryUrl;
+      })
+      .catch((err) => { el.queryImage.alt = `Thumbnail unavailable: ${err.detail || err.title}`; });
+  }
+
   function searchText(event) {
     event.preventDefault();
+    clearQueryImage();
     const query = el.query.value;
     hideUploadFindings();
     // Sent as typed: the service decides what is acceptable and says why not.
@@ -241,6 +310,7 @@
     if (!file) return;
     el.queryFile.hidden = false;
     el.queryFile.textContent = `Example image: ${file.name} (${formatBytes(file.size)})`;
+    showQueryFile(file);
     const form = new FormData();
     form.append("file", file, file.name);
     form.append("k", String(wantedK()));
@@ -252,6 +322,7 @@
 
   function searchSimilar(imageId) {
     hideUploadFindings();
+    showQueryStored(imageId);
     runSearch(`like image ${imageId}`, () =>
       apiJson("search/image", {
         method: "POST",

@@ -39,6 +39,12 @@ FloatArray = npt.NDArray[np.float32]
 RANDOM_INIT_SEED: Final = 0
 
 
+def has_backbone_baseline(bundle: EncoderBundle) -> bool:
+    """Whether ``bundle`` is a ConVIRT model whose initial image backbone can be compared."""
+    model = bundle.config.get("model")
+    return isinstance(model, dict) and model.get("imported") is None
+
+
 class InitialBackbone:
     """Pooled features of the untrained image backbone of a bundle (the baseline encoder).
 
@@ -83,7 +89,14 @@ class InitialBackbone:
         from model.errors import ModelError
         from model.towers.image import build_image_tower
 
-        image = config_from_dict(ModelConfig, bundle.config["model"]).image
+        model_config = config_from_dict(ModelConfig, bundle.config["model"])
+        if model_config.imported is not None:
+            raise EvaluationError(
+                f"{bundle.name} is an imported {model_config.imported.model_type} model: one "
+                "network with no separate untrained backbone to compare with",
+                code="backbone_unavailable",
+            )
+        image = model_config.image
         pretrained = image.pretrained and not random_init
         description = {
             "tower": image.name,

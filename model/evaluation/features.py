@@ -99,8 +99,15 @@ class BundleBackbone:
         self, images: Sequence[np.ndarray], *, batch_size: int = 32, normalize: bool = True
     ) -> FloatArray:
         """Decoded float32 (H, W) radiographs → float32 (N, F) pooled features."""
+        from model.convirt import ConVIRT
+
         chunks: list[FloatArray] = []
         model = self.bundle.model
+        if not isinstance(model, ConVIRT):
+            raise EvaluationError(
+                f"{self.bundle.name} is an imported model: it has no backbone features of its own",
+                code="backbone_unavailable",
+            )
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 batch = self.bundle.preprocessing.stack(images[start : start + batch_size])

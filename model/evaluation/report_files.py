@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -84,6 +85,19 @@ def _pct(value: float) -> str:
     return "–" if math.isnan(value) else f"{100.0 * value:.1f}"
 
 
+def describe_provenance(provenance: Mapping[str, Any]) -> str:
+    """One plain sentence: where the model comes from and what it was trained on."""
+    source = provenance.get("source")
+    if provenance.get("origin") == "imported":
+        where = f"imported from {source}" if source else "imported"
+    else:
+        where = "trained here" + (f" ({source})" if source else "")
+    text = f"{where}; training data: {provenance.get('training_data') or 'not recorded'}"
+    if provenance.get("synthetic_data"):
+        text += " (synthetic images: results on real radiographs are not meaningful)"
+    return text
+
+
 def markdown_summary(result: EvaluationResult, document: dict[str, Any] | None = None) -> str:
     """A short Markdown summary of ``result`` (figures in percent)."""
     doc = document if document is not None else result.to_dict()
@@ -95,6 +109,7 @@ def markdown_summary(result: EvaluationResult, document: dict[str, Any] | None =
         f"# Retrieval evaluation: {protocol.name}",
         "",
         f"- model: `{result.model_id}`" + (f" ({result.model_name})" if result.model_name else ""),
+        *([f"- {describe_provenance(result.provenance)}"] if result.provenance else []),
         f"- categories ({len(protocol.categories)}): {', '.join(protocol.categories)}",
         f"- image → image: {counts['image_queries']} query images over "
         f"{counts['image_candidates']} candidates; text → image: {counts['text_queries']} "

@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -145,6 +145,8 @@ class EvaluationResult:
     seconds: float
     model_name: str | None = None
     backbone: dict[str, Any] | None = None
+    #: Where the model comes from and what it was trained on (the bundle's provenance).
+    provenance: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,7 +158,11 @@ class EvaluationResult:
                 "params": self.protocol.params,
                 "counts": self.protocol.counts(),
             },
-            "model": {"model_id": self.model_id, "name": self.model_name},
+            "model": {
+                "model_id": self.model_id,
+                "name": self.model_name,
+                "provenance": self.provenance,
+            },
             "backbone_baseline": self.backbone,
             "options": self.options.to_dict(),
             "metrics": {
@@ -397,6 +403,11 @@ def _text_task(
     }
 
 
+def _provenance(encoder: Encoder) -> dict[str, Any] | None:
+    provenance = getattr(encoder, "provenance", None)
+    return dict(provenance) if isinstance(provenance, Mapping) else None
+
+
 def run_evaluation(
     protocol: RetrievalProtocol,
     encoder: Encoder,
@@ -454,6 +465,8 @@ def run_evaluation(
         seconds=seconds,
         model_name=model_name,
         backbone=dict(backbone.description) if backbone is not None else None,
+        # An encoder that knows its provenance (an EncoderBundle does) names it in the report.
+        provenance=_provenance(encoder),
     )
     logger.info(
         "evaluated %s on %s in %.1f s: image→image P@10 %.3f, text→image P@10 %.3f",

@@ -39,11 +39,25 @@ Stats = tuple[float, float, float]
 
 
 class ImageTower(nn.Module):
-    """Base of the image towers: ``forward`` maps (B, 3, H, W) to (B, out_dim)."""
+    """Base of the image towers: ``forward`` maps (B, 3, H, W) to (B, out_dim).
+
+    ``freeze_batchnorm`` keeps every batch-norm layer in eval mode, also while training:
+    its running statistics stay those of the pretrained weights instead of drifting to
+    the training images' (see ``ImageTowerConfig``).
+    """
 
     out_dim: int
     mean: Stats
     std: Stats
+    freeze_batchnorm: bool = False
+
+    def train(self, mode: bool = True) -> ImageTower:
+        super().train(mode)
+        if mode and self.freeze_batchnorm:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
 
 class EfficientNetLiteTower(ImageTower):
@@ -157,6 +171,12 @@ class HFImageTower(ImageTower):
 
 def build_image_tower(config: ImageTowerConfig, *, pretrained: bool | None = None) -> ImageTower:
     """The image tower described by ``config``; ``pretrained`` overrides ``config.pretrained``."""
+    tower = _build_tower(config, pretrained=pretrained)
+    tower.freeze_batchnorm = config.freeze_batchnorm
+    return tower
+
+
+def _build_tower(config: ImageTowerConfig, *, pretrained: bool | None) -> ImageTower:
     load_weights = config.pretrained if pretrained is None else pretrained
     if config.name == "efficientnet_lite0":
         if config.path_or_id is not None:

@@ -114,6 +114,13 @@ class OptimConfig:
     The paper's values are the defaults: lr 1e-4, weight decay 1e-6. ``min_lr_ratio`` is the
     end of the cosine as a fraction of ``lr``; ``plateau_factor``/``plateau_patience`` cut
     the rate when the validation loss stalls; ``max_grad_norm`` unset means no clipping.
+
+    Keeping a pretrained image backbone's general features while the heads learn (the
+    three act on the image backbone's parameters only; ConVIRT models, not imported ones):
+    ``image_backbone_lr_scale`` multiplies its learning rate; ``image_backbone_frozen_steps``
+    holds it still for the first steps while the heads learn (LP-FT: linear probe, then
+    fine-tune; Kumar et al. 2022); ``l2sp`` adds ``l2sp / 2 * ||w - w0||^2`` towards its
+    initial weights ``w0`` to the loss (L2-SP; Li et al. 2018).
     """
 
     lr: float = 1e-4
@@ -126,8 +133,21 @@ class OptimConfig:
     plateau_factor: float = 0.5
     plateau_patience: int = 1
     max_grad_norm: float | None = None
+    image_backbone_lr_scale: float = 1.0
+    image_backbone_frozen_steps: int = 0
+    l2sp: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.image_backbone_lr_scale <= 1e3:
+            raise InvalidConfigError(
+                f"image_backbone_lr_scale: {self.image_backbone_lr_scale} not in [0, 1000]"
+            )
+        if self.image_backbone_frozen_steps < 0:
+            raise InvalidConfigError(
+                f"image_backbone_frozen_steps: {self.image_backbone_frozen_steps} is negative"
+            )
+        if self.l2sp < 0.0:
+            raise InvalidConfigError(f"l2sp: {self.l2sp} is negative")
         if self.schedule not in SCHEDULES:
             raise InvalidConfigError(
                 f"schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}"

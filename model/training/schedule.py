@@ -106,7 +106,10 @@ class LRSchedule:
     def _apply(self) -> None:
         lr = self.lr
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            # A group may run at a fraction of the rate, or stand still for its first steps
+            # (the image backbone while the heads learn; see OptimConfig).
+            frozen = self.step_count < group.get("frozen_steps", 0)
+            group["lr"] = 0.0 if frozen else lr * group.get("lr_scale", 1.0)
 
     def state_dict(self) -> dict[str, Any]:
         return {

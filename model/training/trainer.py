@@ -22,8 +22,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +39,6 @@ from model.checkpoint import (
     save_checkpoint,
 )
 from model.config import InvalidConfigError
-from model.errors import ModelError
 from model.training.config import TrainConfig, dump_train_config, train_config_to_dict
 from model.training.data import (
     EpochBatchSampler,
@@ -58,45 +56,18 @@ from model.training.distributed import (
     resolve_precision,
 )
 from model.training.plots import LOSS_PLOT_FILE, METRICS_FILE, plot_loss_curves
+from model.training.regularise import backbone_param_groups, l2sp_for_run
+from model.training.result import TrainingDiverged, TrainResult
 from model.training.schedule import EarlyStopping, LRSchedule
 
 if TYPE_CHECKING:
-    from model.convirt import ConVIRT
+    from model.convirt import EncoderModel
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
-
-
-class TrainingDiverged(ModelError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
-
-    code = "training_diverged"
-
-
-@dataclass
-class TrainResult:
-    """What a run did: where it stopped and why, and its best validation loss.
-
-    ``stop_reason`` is one of ``completed`` (all epochs), ``max_steps``, ``time_budget``,
-    ``early_stopping`` or ``interrupted`` (SIGINT/SIGTERM; resume from ``last_checkpoint``).
-    ``initial_val_loss`` is the untrained model's (None when resumed); ``val_losses`` and
-    ``train_losses`` hold one value per completed epoch, over the whole run.
-    """
-
-    out_dir: Path
-    last_checkpoint: Path
-    best_checkpoint: Path | None
-    step: int
-    epoch: int
-    stop_reason: str
-    best_val_loss: float | None
-    initial_val_loss: float | None = None
-    val_losses: list[float] = field(default_factory=list)
-    train_losses: list[float] = field(default_factory=list)
-    signal: int | None = None
 
 
 # --------------------------------------------------------------------------- trainer
@@ -110,6 +81,9 @@ class Trainer:
         resume_from: a full checkpoint (``last.pt``) to continue exactly.
         step_callback: called after every optimizer step with the global step count
             (progress hooks, tests).
+        init_weights: a full state dict to start from instead of the pretrained towers
+            (``convirt train --init-from BUNDLE``: fine-tuning an exported or imported
+            bundle); ignored when resuming, whose checkpoint holds the weights.
     """
 
     def __init__(
@@ -118,6 +92,7 @@ class Trainer:
         *,
         resume_from: str | os.PathLike[str] | None = None,
         step_callback: Callable[[int], None] | None = None,
+        init_weights: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.config = config
         self.step_callback = step_callback
@@ -130,9 +105,9 @@ class Trainer:
         np.random.seed(run.seed)
         torch.manual_seed(run.seed)
         # The order below is the order of the random draws: keep it, or resume is inexact.
-        self._set_up_model(checkpoint)
+        self._set_up_model(checkpoint, init_weights)
         self._set_up_data()
-        self._set_up_optimisation()
+        self._set_up_optimisation(checkpoint)
         self.epoch = 0
         self.step_in_epoch = 0
         self.step = 0
@@ -174,16 +149,23 @@ class Trainer:
             )
         return checkpoint
 
-    def _set_up_model(self, checkpoint: dict[str, Any] | None) -> None:
+    def _set_up_model(
+        self,
+        checkpoint: dict[str, Any] | None,
+        init_weights: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         """The model on this process's device (wrapped in DDP when distributed) and the loss."""
-        from model.convirt import build_model
+        from model.convirt import build_encoder
         from model.loss import ConVIRTLoss
 
         run = self.config.train
-        # Resumed weights come from the checkpoint: no need to read the pretrained ones.
-        model = build_model(self.config.model, pretrained=False if checkpoint is not None else None)
+        # Resumed or initial weights replace the pretrained ones: no need to read those.
+        given = checkpoint is not None or init_weights is not None
+        model = build_encoder(self.config.model, pretrained=False if given else None)
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
+        elif init_weights is not None:
+            model.load_state_dict(init_weights, strict=True)
         device = self.ctx.device
         self.autocast_dtype, self._use_scaler = resolve_precision(run.precision, device)
         self.channels_last = run.channels_last and device.type == "cuda"
@@ -192,7 +174,7 @@ class Trainer:
         model = model.to(device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.module: ConVIRT = model
+        self.module: EncoderModel = model
         self.model: nn.Module = model
         if self.ctx.distributed:
             self.model = nn.parallel.DistributedDataParallel(
@@ -266,11 +248,11 @@ class Trainer:
         )
         self.val_loader = self._loader(self.val_set, self.val_sampler, persistent=False)
 
-    def _set_up_optimisation(self) -> None:
+    def _set_up_optimisation(self, checkpoint: dict[str, Any] | None) -> None:
         """AdamW over the trainable parameters, the LR schedule, early stopping, the scaler."""
         run, optim = self.config.train, self.config.optim
         self.optimizer = torch.optim.AdamW(
-            self._trainable(),
+            backbone_param_groups(self.module, optim),
             lr=optim.lr,
             betas=(optim.beta1, optim.beta2),
             weight_decay=optim.weight_decay,
@@ -292,6 +274,7 @@ class Trainer:
             run.early_stopping_patience, run.early_stopping_min_delta
         )
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self._use_scaler)
+        self._l2sp = l2sp_for_run(self.module, self.config, resumed=checkpoint is not None)
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -353,7 +336,9 @@ class Trainer:
         )
         with context:
             loss = self.compute_loss(images, texts)
-            scaled = loss / self.config.data.grad_accum_steps
+            # L2-SP pulls the backbone towards its start; the reported loss stays ConVIRT's.
+            total = loss + self._l2sp.penalty() if self._l2sp is not None else loss
+            scaled = total / self.config.data.grad_accum_steps
             self.scaler.scale(scaled).backward()
         return loss.detach()
 
@@ -688,9 +673,12 @@ def train(
     *,
     resume_from: str | os.PathLike[str] | None = None,
     step_callback: Callable[[int], None] | None = None,
+    init_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Run one training job to its end (see :class:`Trainer`)."""
-    trainer = Trainer(config, resume_from=resume_from, step_callback=step_callback)
+    trainer = Trainer(
+        config, resume_from=resume_from, step_callback=step_callback, init_weights=init_weights
+    )
     try:
         return trainer.fit()
     finally:

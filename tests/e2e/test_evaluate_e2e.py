@@ -25,6 +25,7 @@ from app.cli import main as cli_main
 from app.main import create_app
 from app.settings import Settings
 from model.bundle import EncoderBundle, export_bundle
+from model.convirt import ConVIRT
 from model.data.manifest import read_manifest, write_manifest
 from model.data.synthetic import generate_corpus, write_chexpert_tree
 from model.inputs.reports import parse_sections
@@ -232,8 +233,10 @@ def test_backbone_baseline_is_the_imagenet_backbone(layout: dict[str, Path]) -> 
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(initial.image_backbone_features(pixels), expected, atol=1e-5)
     # Contrastive training moved the bundle's own backbone away from ImageNet's.
+    model = bundle.model
+    assert isinstance(model, ConVIRT)
     with torch.inference_mode():
-        trained = bundle.model.image_backbone_features(bundle.preprocessing.stack(pixels)).numpy()
+        trained = model.image_backbone_features(bundle.preprocessing.stack(pixels)).numpy()
     trained /= np.linalg.norm(trained, axis=1, keepdims=True)
     assert np.abs(trained - expected).max() > 1e-3
     # The baseline's cache key depends on the tower and preprocessing, not the trained model.

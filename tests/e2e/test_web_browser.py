@@ -87,6 +87,12 @@ def test_text_search_shows_results_and_details(page: Any, live_service: LiveServ
     assert all(-1.0 <= s <= 1.0 for s in scores)
     summary = page.locator("#results-summary").inner_text()
     assert f"{PAGE_K} closest studies" in summary
+    # The header names the serving model; a text query has no query image.
+    model_info = page.locator("#model-info").inner_text()
+    assert "service-test" in model_info
+    assert "trained here" in model_info
+    assert page.locator("#model-warning").is_hidden()
+    assert page.locator("#query-figure").is_hidden()
 
     # Thumbnails come through fetch with the key, as blob URLs that the browser decoded.
     page.wait_for_function(
@@ -143,6 +149,15 @@ def test_upload_searches_by_example_image(page: Any, live_service: LiveService) 
     assert best == pytest.approx(1.0, abs=2e-3)
     assert study.image_path.name in page.locator("#results-summary").inner_text()
     assert page.get_by_role("alert").is_hidden()
+    # The query image is drawn beside its results, from the file itself.
+    figure = page.locator("#query-figure")
+    assert figure.is_visible()
+    assert study.image_path.name in figure.inner_text()
+    page.wait_for_function(
+        "() => { const img = document.querySelector('#query-image');"
+        " return img.src.startsWith('blob:') && img.complete && img.naturalWidth > 0; }",
+        timeout=WAIT_MS,
+    )
     page.screenshot(path=str(screenshot_dir() / "image-search.png"), full_page=True)
     assert page.errors == []
 

@@ -12,7 +12,8 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.training.config import resume_config
 from model.training.plots import read_metrics
-from model.training.trainer import TrainingDiverged, TrainResult, train
+from model.training.result import TrainingDiverged, TrainResult
+from model.training.trainer import train
 from tests.model.trainer_support import tiny_config
 
 # 54 training pairs of the 64-study corpus, batches of 8: 6 optimizer steps per epoch.
