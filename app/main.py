@@ -7,8 +7,10 @@ Nothing happens at import. ``create_app`` builds the app from the settings it is
   database (:class:`app.services.runtime.Runtime`). If that fails (no bundle yet, database
   down) the app still answers: ``/health`` is 200, ``/ready`` and the API are 503
   ``service_not_ready``, and start-up is retried in the background;
-- while running: every few seconds, save unsaved index changes, or rebuild an index that
-  a failed change left stale;
+- while running: a follower thread applies the database's change feed to the index
+  (changes by other processes); every few seconds, save unsaved index changes, rebuild an
+  index that a failed change left stale, or move to the model another process switched
+  to (``convirt reindex``) once its bundle is in the bundle directory;
 - shutdown: save the index, close the database connections.
 
 Run it with ``convirt serve`` (uvicorn).
@@ -17,8 +19,10 @@ Run it with ``convirt serve`` (uvicorn).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Final
 
 import anyio
@@ -37,8 +41,16 @@ from app.services.metrics import Metrics, MetricsMiddleware
 from app.services.runtime import Runtime
 from app.settings import Settings
 from model.bundle import EncoderBundle
+from model.bundle import read_manifest as read_bundle_manifest
+from model.errors import ModelError
 
 logger = logging.getLogger(__name__)
+
+
+def read_bundle_model_id(bundle_dir: Path) -> str:
+    """The model id a bundle directory's manifest names (its files are not hashed)."""
+    return str(read_bundle_manifest(bundle_dir)["model_id"])
+
 
 #: Routes open without an API key.
 PUBLIC_PATHS: Final = ("/health", "/ready")
@@ -76,6 +88,8 @@ def _start_runtime(app: FastAPI, settings: Settings, bundle: EncoderBundle | Non
         return False
     app.state.runtime = runtime
     app.state.startup_error = None
+    # Changes made by other processes reach this index from here on.
+    runtime.follower.start()
     report = runtime.report
     logger.info(
         "ready: model %s, %d vectors (index %s)",
@@ -86,8 +100,38 @@ def _start_runtime(app: FastAPI, settings: Settings, bundle: EncoderBundle | Non
     return True
 
 
+def _follow_switch(app: FastAPI, settings: Settings, runtime: Runtime) -> bool:
+    """Another process made another model active: serve it if our bundle directory has it.
+
+    The new runtime starts (and catches up) beside the old one, which serves meanwhile
+    (``/ready`` says ``model_switched``), then takes its place. Returns False when the
+    bundle directory still holds another model (the operator has yet to install it).
+    """
+    target = runtime.follower.switched_to
+    try:
+        on_disk = read_bundle_model_id(settings.bundle_dir)
+    except ModelError as exc:
+        logger.warning("cannot read the bundle at %s: %s", settings.bundle_dir, exc)
+        return False
+    if on_disk != target:
+        logger.warning(
+            "model %s is active but %s holds %s; install its bundle there",
+            target,
+            settings.bundle_dir,
+            on_disk,
+        )
+        return False
+    successor = Runtime.start(settings, metrics=app.state.metrics)
+    successor.follower.start()
+    app.state.runtime = successor
+    runtime.close()
+    logger.info("now serving model %s", successor.bundle.model_id)
+    return True
+
+
 async def _maintenance_loop(app: FastAPI, settings: Settings, bundle: EncoderBundle | None) -> None:
     retry = MAINTENANCE_INTERVAL_S
+    next_switch_try = 0.0
     while True:
         runtime: Runtime | None = app.state.runtime
         if runtime is None:
@@ -97,6 +141,10 @@ async def _maintenance_loop(app: FastAPI, settings: Settings, bundle: EncoderBun
             continue
         await anyio.sleep(MAINTENANCE_INTERVAL_S)
         try:
+            if runtime.follower.switched_to is not None and time.monotonic() >= next_switch_try:
+                if not await anyio.to_thread.run_sync(_follow_switch, app, settings, runtime):
+                    next_switch_try = time.monotonic() + MAX_RETRY_S
+                continue
             await anyio.to_thread.run_sync(runtime.maintain)
         except Exception:
             # Maintenance failing must not take the service down; /ready shows the state.

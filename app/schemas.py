@@ -145,3 +145,6 @@ class ReadyPublic(BaseModel):
     model_id: str
     images: int
     index_vectors: int
+    feed_sequence: int = Field(description="change feed position the index is complete up to")
+    feed_lag_changes: int = Field(description="committed changes not yet applied to the index")
+    feed_lag_seconds: float = Field(description="seconds since the index last caught up")

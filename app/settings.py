@@ -105,6 +105,17 @@ class Settings(BaseSettings):
         description="also keep the uploaded file (a DICOM may carry patient identifiers)",
     )
     thumbnail_size: int = Field(default=256, ge=16, le=2048, description="longest side, px")
+    feed_poll_interval_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=1.0,
+        description="seconds between polls of the change feed (PostgreSQL also notifies)",
+    )
+    feed_max_lag_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="/ready answers 503 index_lagging when the index is this far behind",
+    )
     log_level: LogLevel = "INFO"
 
     @model_validator(mode="before")

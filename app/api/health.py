@@ -29,8 +29,11 @@ async def health() -> HealthPublic:
 )
 async def ready(request: Request) -> ReadyPublic:
     """200 when the encoder bundle is loaded, the database answers and the index holds
-    exactly the stored vectors of the current model; otherwise a 503 problem whose code
-    says which: ``service_not_ready``, ``database_unavailable`` or ``index_inconsistent``.
+    the stored vectors of the current model, following the change feed; otherwise a 503
+    problem whose code says which: ``service_not_ready``, ``database_unavailable``,
+    ``index_inconsistent``, ``index_lagging`` (the index has not caught up with the
+    feed for ``CONVIRT_FEED_MAX_LAG_S``) or ``model_switched`` (another model became active
+    and this process is loading it). The body reports the feed lag in changes and seconds.
     """
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     if runtime is None:
@@ -44,6 +47,9 @@ async def ready(request: Request) -> ReadyPublic:
         model_id=runtime.bundle.model_id,
         images=state.images,
         index_vectors=state.vectors,
+        feed_sequence=runtime.index.sequence,
+        feed_lag_changes=state.lag_changes,
+        feed_lag_seconds=round(state.lag_seconds, 3),
     )
 
 

@@ -68,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             from app.services.runtime import Runtime
 
-            runtime = Runtime.start(settings, reembed_all=True, progress=bar.update)
+            runtime = Runtime.start(
+                settings, reembed_all=True, switch_model=True, progress=bar.update
+            )
         except (AppError, ModelError) as exc:
             logger.error("reindex failed: %s", exc)
             return 1

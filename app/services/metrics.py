@@ -81,6 +81,21 @@ class Metrics:
             "Vectors in the loaded index.",
             registry=self.registry,
         )
+        self.feed_sequence = Gauge(
+            "convirt_feed_sequence",
+            "The change feed position the index is complete up to.",
+            registry=self.registry,
+        )
+        self.feed_lag_changes = Gauge(
+            "convirt_feed_lag_changes",
+            "Committed changes the index had not applied at the follower's last round.",
+            registry=self.registry,
+        )
+        self.feed_lag_seconds = Gauge(
+            "convirt_feed_lag_seconds",
+            "Seconds since the index last caught up with the change feed's head.",
+            registry=self.registry,
+        )
         # Zero-valued series from the start, so a dashboard sees every stage before traffic.
         for stage in STAGES:
             self.stage_seconds.labels(stage)

@@ -24,7 +24,10 @@ import numpy.typing as npt
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.errors import AppError
 from app.models import Embedding, EncoderModel, Image, bytes_to_vector
+from app.services import feed
+from app.services.snapshot import read_position, save_snapshot
 from app.services.store import ImageStore, StoreError
 from index import VectorIndex, VectorIndexError
 from model.bundle import EncoderBundle
@@ -49,13 +52,36 @@ class ReconcileReport:
     rebuilt: bool = False
     reason: str | None = None
     vectors: int = 0
+    #: The change feed position the index is complete up to.
+    sequence: int = 0
 
 
-def register_model(sessions: sessionmaker[Session], bundle: EncoderBundle) -> bool:
-    """Insert the bundle's model row if missing and make it the active one; True if new."""
+class ModelNotActiveError(AppError):
+    """Another model is active: serving this bundle needs an explicit switch."""
+
+    code = "model_not_active"
+
+
+def register_model(
+    sessions: sessionmaker[Session], bundle: EncoderBundle, *, switch: bool = True
+) -> bool:
+    """Insert the bundle's model row if missing and make it the active one; True if new.
+
+    With ``switch`` false the bundle's model becomes active only when no model is active
+    yet: a process starting with an old bundle must not switch every other process back.
+    Raises :class:`ModelNotActiveError` when another model is active then.
+    """
     with sessions() as session, session.begin():
+        if not switch:
+            active = session.scalar(select(EncoderModel.id).where(EncoderModel.is_active))
+            if active is not None and active != bundle.model_id:
+                raise ModelNotActiveError(
+                    f"the active model is {active}, not this bundle's {bundle.model_id}: "
+                    "run `convirt reindex` with this bundle to switch to it"
+                )
         row = session.get(EncoderModel, bundle.model_id)
         created = row is None
+        switched = row is None or not row.is_active
         if row is None:
             name = bundle.name or bundle.model_id[:19]
             session.add(
@@ -74,6 +100,10 @@ def register_model(sessions: sessionmaker[Session], bundle: EncoderBundle) -> bo
             .where(EncoderModel.id != bundle.model_id, EncoderModel.is_active.is_(True))
             .values(is_active=False)
         )
+        if switched:
+            # Every process serving another model learns of the switch from the feed.
+            session.flush()
+            feed.record_switch(session, bundle.model_id)
     if created:
         logger.info("registered model %s (dim %d)", bundle.model_id, bundle.dim)
     return created
@@ -124,10 +154,21 @@ def iter_embeddings(
         last = int(ids[-1])
 
 
+def feed_head(sessions: sessionmaker[Session]) -> int:
+    with sessions() as session:
+        return feed.head(session)
+
+
 def rebuild_index(
     sessions: sessionmaker[Session], *, model_id: str, dim: int, factory: str
-) -> VectorIndex:
-    """A new index holding exactly the stored embeddings of ``model_id``."""
+) -> tuple[VectorIndex, int]:
+    """A new index of the stored embeddings of ``model_id``, and its feed position.
+
+    The feed's head is read *before* the embeddings: every change committed up to it is
+    in what the rebuild reads, and replaying the feed past it (which may repeat changes
+    the rebuild already saw) brings the index up to date while writers go on.
+    """
+    sequence = feed_head(sessions)
     index = VectorIndex.rebuild(
         iter_embeddings(sessions, model_id),
         factory=factory,
@@ -137,7 +178,7 @@ def rebuild_index(
         total=count_embeddings(sessions, model_id),
     )
     logger.info("rebuilt index (%s) with %d vectors of %s", factory, index.ntotal, model_id)
-    return index
+    return index, sequence
 
 
 def _embed_rows(
@@ -200,10 +241,14 @@ def embed_images(
         ids, vectors = _embed_rows(rows, bundle, store, report)
         with sessions() as session, session.begin():
             still_there = set(session.scalars(select(Image.id).where(Image.id.in_(ids))).all())
+            stored: list[int] = []
             for image_id, vector in zip(ids, vectors, strict=True):
                 # An image deleted while it was being embedded keeps no orphan vector.
                 if image_id in still_there:
                     session.merge(Embedding.from_vector(image_id, model_id, vector))
+                    stored.append(image_id)
+            session.flush()
+            feed.record_adds(session, model_id, stored)
         done += len(ids)
         if progress is not None:
             progress(len(rows))
@@ -230,10 +275,13 @@ def open_index(
     model_id: str,
     dim: int,
     factory: str,
-) -> tuple[VectorIndex, str | None]:
-    """Load the saved index if it mirrors the database, else rebuild and save it.
+) -> tuple[VectorIndex, str | None, int]:
+    """Load the saved index if it can be trusted, else rebuild and save it.
 
-    Returns the index and the reason it was rebuilt (None when the saved one was good).
+    A snapshot with a known feed position is trusted as it is: the caller replays the
+    feed past the position. Without one (a save that predates the feed, or died halfway)
+    its ids are compared with the database's. Returns the index, the reason it was
+    rebuilt (None when the saved one was good) and its feed position.
     """
     reason: str | None
     try:
@@ -241,16 +289,22 @@ def open_index(
     except VectorIndexError as exc:
         reason = f"saved index rejected ({exc.code})"
     else:
+        sequence = read_position(index_dir, index)
+        if sequence is not None and index.factory == factory:
+            logger.info("index snapshot at %s holds the feed up to %d", index_dir, sequence)
+            return index, None, sequence
+        # Read before the comparison, like a rebuild: what commits later is replayed.
+        sequence = feed_head(sessions)
         reason = _inconsistency(index, sessions, model_id=model_id, factory=factory)
         if reason is None:
             logger.info(
                 "index at %s agrees with the database (%d vectors)", index_dir, index.ntotal
             )
-            return index, None
+            return index, None, sequence
     logger.warning("rebuilding the index from the database: %s", reason)
-    index = rebuild_index(sessions, model_id=model_id, dim=dim, factory=factory)
-    index.save(index_dir)
-    return index, reason
+    index, sequence = rebuild_index(sessions, model_id=model_id, dim=dim, factory=factory)
+    save_snapshot(index, index_dir, sequence)
+    return index, reason, sequence
 
 
 def reconcile(
@@ -261,14 +315,17 @@ def reconcile(
     index_dir: Path,
     factory: str,
     reembed_all: bool = False,
+    switch_model: bool = False,
     progress: ProgressCallback | None = None,
 ) -> tuple[VectorIndex, ReconcileReport]:
     """Register the model, embed what lacks a vector, and return an index that agrees.
 
     ``reembed_all`` re-embeds every stored image (``convirt reindex``) and always rebuilds.
+    ``switch_model`` makes the bundle's model the active one even when another is (see
+    :func:`register_model`).
     """
     report = ReconcileReport(model_id=bundle.model_id)
-    register_model(sessions, bundle)
+    register_model(sessions, bundle, switch=switch_model)
     report.embedded = embed_images(
         sessions,
         bundle,
@@ -285,11 +342,13 @@ def reconcile(
             len(report.unembeddable),
         )
     if reembed_all:
-        index = rebuild_index(sessions, model_id=bundle.model_id, dim=bundle.dim, factory=factory)
-        index.save(index_dir)
+        index, report.sequence = rebuild_index(
+            sessions, model_id=bundle.model_id, dim=bundle.dim, factory=factory
+        )
+        save_snapshot(index, index_dir, report.sequence)
         report.rebuilt, report.reason = True, "re-embedded every image"
     else:
-        index, report.reason = open_index(
+        index, report.reason, report.sequence = open_index(
             sessions,
             index_dir=index_dir,
             model_id=bundle.model_id,

@@ -1,5 +1,10 @@
 """The running service's parts, built once from the settings: database, bundle, store, index.
 
+Each runtime's index follows the database's change feed (:mod:`app.services.follower`):
+start-up loads the index snapshot and replays the feed past it; the app then runs the
+follower in the background, so changes made by any process (other workers, replicas,
+``convirt ingest``) become searchable here too.
+
 :meth:`Runtime.start` is what the app's lifespan (and ``convirt ingest``/``reindex``) run:
 migrate the database, load the encoder bundle, reconcile the index with the database. It
 is synchronous and slow (seconds: the bundle's towers load), so the app runs it in a
@@ -23,17 +28,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import create_engine_for, ping, session_factory, upgrade_database
 from app.models import Image
+from app.services import feed
+from app.services.follower import FeedFollower
 from app.services.ingest import IngestService
 from app.services.live_index import LiveIndex
 from app.services.metrics import Metrics
 from app.services.reconcile import (
     ProgressCallback,
     ReconcileReport,
-    count_embeddings,
     open_index,
     reconcile,
 )
+from app.services.reconcile import rebuild_index as rebuild_from_database
 from app.services.retrieval import RetrievalService
+from app.services.snapshot import save_snapshot
 from app.services.store import ImageStore
 from app.settings import Settings
 from model.bundle import EncoderBundle
@@ -46,6 +54,8 @@ T = TypeVar("T")
 #: Readiness outcomes that are not "ready", with their problem codes.
 NOT_READY_DATABASE: Final = "database_unavailable"
 NOT_READY_INDEX: Final = "index_inconsistent"
+NOT_READY_LAGGING: Final = "index_lagging"
+NOT_READY_SWITCHED: Final = "model_switched"
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,8 @@ class Readiness:
     detail: str | None = None
     images: int = 0
     vectors: int = 0
+    lag_changes: int = 0
+    lag_seconds: float = 0.0
 
 
 class Runtime:
@@ -91,7 +103,17 @@ class Runtime:
         self.retrieval = RetrievalService(
             sessions=sessions, index=index, metrics=metrics, model_id=bundle.model_id
         )
+        self.follower = FeedFollower(
+            engine=engine,
+            sessions=sessions,
+            index=index,
+            model_id=bundle.model_id,
+            poll_interval_s=settings.feed_poll_interval_s,
+        )
         metrics.index_vectors.set_function(lambda: index.ntotal)
+        metrics.feed_sequence.set_function(lambda: index.sequence)
+        metrics.feed_lag_changes.set_function(lambda: self.follower.lag().changes)
+        metrics.feed_lag_seconds.set_function(lambda: self.follower.lag().seconds)
         # Model inference runs on these few threads only: the pool size bounds how many
         # inferences run at once, and torch's and FAISS's OpenMP thread teams, which are
         # made per calling thread, stay as few as the pool's threads instead of one team
@@ -108,11 +130,14 @@ class Runtime:
         metrics: Metrics | None = None,
         bundle: EncoderBundle | None = None,
         reembed_all: bool = False,
+        switch_model: bool = False,
         progress: ProgressCallback | None = None,
     ) -> Runtime:
-        """Migrate, load the bundle (unless given), reconcile; the index agrees when it returns.
+        """Migrate, load the bundle (unless given), reconcile, replay the feed's tail; the
+        index agrees with the database when it returns.
 
-        ``reembed_all`` re-embeds every stored image first (``convirt reindex``).
+        ``reembed_all`` re-embeds every stored image first (``convirt reindex``);
+        ``switch_model`` makes the bundle's model the active one for every process.
         """
         engine = create_engine_for(settings)
         try:
@@ -135,39 +160,91 @@ class Runtime:
                 index_dir=settings.index_dir,
                 factory=settings.index_factory,
                 reembed_all=reembed_all,
+                switch_model=switch_model,
                 progress=progress,
             )
+            runtime = cls(
+                settings=settings,
+                engine=engine,
+                sessions=sessions,
+                bundle=bundle,
+                store=store,
+                index=LiveIndex(vindex, settings.index_dir, sequence=report.sequence),
+                metrics=metrics or Metrics(),
+                report=report,
+            )
+            runtime.catch_up_at_start()
         except BaseException:
             engine.dispose()
             raise
-        return cls(
-            settings=settings,
-            engine=engine,
-            sessions=sessions,
-            bundle=bundle,
-            store=store,
-            index=LiveIndex(vindex, settings.index_dir),
-            metrics=metrics or Metrics(),
-            report=report,
-        )
+        return runtime
+
+    def catch_up_at_start(self) -> None:
+        """Replay the feed past the snapshot; rebuild if the result disagrees with the database.
+
+        The count check is the cheap guard against a database changed behind the feed's
+        back (rows deleted by hand, a restored backup): a snapshot is trusted for what the
+        feed says, not for what it cannot know.
+        """
+        replayed = self.follower.catch_up()
+        if replayed:
+            logger.info("replayed %d feed records after the snapshot", replayed)
+        problem = self.disagreement()
+        if problem is not None:
+            logger.warning("index disagrees with the database after the replay: %s", problem)
+            self.rebuild_index(trust_snapshot=False)
+            self.report.rebuilt, self.report.reason = True, problem
+        self.report.vectors = self.index.ntotal
+        self.report.sequence = self.index.sequence
+
+    def disagreement(self) -> str | None:
+        """Why the caught-up index does not hold the database's embeddings, or None.
+
+        Only decidable when no change commits between the replay and the count: with
+        writers busy elsewhere the check is skipped (None) and the next call decides.
+        """
+        with self.index.applying():
+            self.follower.catch_up()
+            with self.sessions() as session:
+                head, stored = feed.head_and_count(session, self.bundle.model_id)
+            if head != self.index.sequence:
+                return None
+            vectors = self.index.ntotal
+        if vectors != stored:
+            return f"the index holds {vectors} vectors, the database {stored}"
+        return None
 
     # -- maintenance -------------------------------------------------------------------
 
-    def rebuild_index(self) -> None:
-        """Rebuild the index from the database with no change in flight, and save it."""
+    def rebuild_index(self, *, trust_snapshot: bool = True) -> None:
+        """Reload the saved snapshot (or rebuild from the database), then follow the feed.
+
+        ``trust_snapshot`` false always rebuilds from the stored embeddings.
+        """
         with self.index.exclusive():
-            vindex, reason = open_index(
-                self.sessions,
-                index_dir=self.settings.index_dir,
-                model_id=self.bundle.model_id,
-                dim=self.bundle.dim,
-                factory=self.settings.index_factory,
-            )
-            # Either the saved copy agrees with the database (reason None) or open_index
-            # rebuilt and saved a new one: both are on disk as they are live.
-            self.index.replace(vindex, saved=True)
+            if trust_snapshot:
+                vindex, reason, sequence = open_index(
+                    self.sessions,
+                    index_dir=self.settings.index_dir,
+                    model_id=self.bundle.model_id,
+                    dim=self.bundle.dim,
+                    factory=self.settings.index_factory,
+                )
+            else:
+                vindex, sequence = rebuild_from_database(
+                    self.sessions,
+                    model_id=self.bundle.model_id,
+                    dim=self.bundle.dim,
+                    factory=self.settings.index_factory,
+                )
+                save_snapshot(vindex, self.settings.index_dir, sequence)
+                reason = "rebuilt from the database"
+            # Either the saved copy was good (reason None) or a new one was saved: both
+            # are on disk as they are live, up to ``sequence``.
+            self.index.replace(vindex, saved=True, sequence=sequence)
             if reason is not None:
                 logger.info("index rebuilt: %s", reason)
+        self.follower.catch_up()
 
     def maintain(self) -> None:
         """Periodic duty: rebuild a stale index, else save unsaved changes."""
@@ -177,26 +254,36 @@ class Runtime:
             self.index.save_if_dirty()
 
     def readiness(self) -> Readiness:
-        """Database reachable and index holding exactly the model's stored embeddings."""
+        """Database reachable, the active model served, the index following the feed and,
+        when no change is in flight, holding exactly the model's stored embeddings."""
         if not ping(self.engine):
             return Readiness(False, NOT_READY_DATABASE, "the database does not answer")
         if self.index.stale_reason is not None:
             return Readiness(False, NOT_READY_INDEX, "the index is being rebuilt")
-        # No change may be half done (committed, not yet indexed) while counting.
-        with self.index.exclusive():
-            vectors = self.index.ntotal
-            stored = count_embeddings(self.sessions, self.bundle.model_id)
-            with self.sessions() as session:
-                images = int(session.scalar(select(func.count()).select_from(Image)) or 0)
-        if vectors != stored:
+        if self.follower.switched_to is not None:
             return Readiness(
                 False,
-                NOT_READY_INDEX,
-                f"the index holds {vectors} vectors, the database {stored}",
+                NOT_READY_SWITCHED,
+                f"model {self.follower.switched_to} is now active; loading its bundle",
+            )
+        problem = self.disagreement()
+        with self.sessions() as session:
+            images = int(session.scalar(select(func.count()).select_from(Image)) or 0)
+        vectors = self.index.ntotal
+        lag = self.follower.lag()
+        if problem is not None:
+            return Readiness(False, NOT_READY_INDEX, problem, images, vectors)
+        if lag.seconds > self.settings.feed_max_lag_s:
+            return Readiness(
+                False,
+                NOT_READY_LAGGING,
+                f"the index has not seen the change feed for {lag.seconds:.0f} s",
                 images,
                 vectors,
+                lag.changes,
+                lag.seconds,
             )
-        return Readiness(True, images=images, vectors=vectors)
+        return Readiness(True, None, None, images, vectors, lag.changes, lag.seconds)
 
     def delete_image(self, image_id: int) -> bool:
         """Delete an image: database (committed) first, then the index, then the files.
@@ -210,6 +297,8 @@ class Runtime:
                     return False
                 paths = (row.image_path, row.thumbnail_path, row.original_path)
                 session.delete(row)
+                session.flush()
+                feed.record_removes(session, [image_id])
             with self.metrics.stage("index"):
                 self.index.remove(np.asarray([image_id], dtype=np.int64))
         with self.metrics.stage("store"):
@@ -225,6 +314,7 @@ class Runtime:
 
     def close(self) -> None:
         """Finish running inferences, save unsaved index changes, release the database."""
+        self.follower.stop()
         try:
             self.inference.shutdown(wait=True)
             if self.index.stale_reason is None:

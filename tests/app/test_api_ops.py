@@ -56,12 +56,17 @@ def test_ready_reports_model_and_counts(client: TestClient) -> None:
     response = client.get("/ready")
     assert response.status_code == 200
     body = response.json()
+    lag_seconds = body.pop("feed_lag_seconds")
     assert body == {
         "status": "ready",
         "model_id": runtime_of(client).bundle.model_id,
         "images": 3,
         "index_vectors": 3,
+        # The feed: the model's activation, then one record per stored image.
+        "feed_sequence": 4,
+        "feed_lag_changes": 0,
     }
+    assert 0 <= lag_seconds < 5
     with runtime_of(client).sessions() as session:
         model = session.get(EncoderModel, body["model_id"])
         assert model is not None

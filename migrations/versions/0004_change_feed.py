@@ -1,0 +1,50 @@
+"""Change feed: the ``changes`` table every process's index follows.
+
+Revision ID: 0004
+Revises: 0001
+Created: 2026-11-30
+
+Written by hand to match app/models.py. Existing databases start with an empty feed: a
+process that finds no snapshot of the feed's position rebuilds its index from the stored
+embeddings once, then follows the feed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0004"
+down_revision: str | Sequence[str] | None = "0001"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+BIG_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def upgrade() -> None:
+    op.create_table(
+        "changes",
+        sa.Column("seq", BIG_ID, primary_key=True, autoincrement=True),
+        sa.Column("op", sa.String(8), nullable=False),
+        sa.Column("model_id", sa.String(71), nullable=True),
+        sa.Column("image_id", sa.BigInteger(), nullable=True),
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=sa.func.current_timestamp(),
+        ),
+        sa.PrimaryKeyConstraint("seq", name=op.f("pk_changes")),
+        sa.CheckConstraint(
+            "op IN ('add', 'remove', 'switch')", name=op.f("ck_changes_known_op")
+        ),
+        # A deleted newest row must not let SQLite hand its number out again.
+        sqlite_autoincrement=True,
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("changes")
