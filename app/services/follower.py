@@ -165,6 +165,7 @@ class FeedFollower:
         """Follow in the background: poll, and on PostgreSQL also listen for commits."""
         if self._threads:
             return
+        self._stop.clear()
         self._threads.append(
             threading.Thread(target=self._poll_loop, name="convirt-follower", daemon=True)
         )

@@ -24,6 +24,7 @@ from typing import Final, ParamSpec, TypeVar
 
 import numpy as np
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import create_engine_for, ping, session_factory, upgrade_database
@@ -187,6 +188,7 @@ class Runtime:
         feed says, not for what it cannot know.
         """
         replayed = self.follower.catch_up()
+        self.follower.count_pending()
         if replayed:
             logger.info("replayed %d feed records after the snapshot", replayed)
         problem = self.disagreement()
@@ -200,11 +202,10 @@ class Runtime:
     def disagreement(self) -> str | None:
         """Why the caught-up index does not hold the database's embeddings, or None.
 
-        Only decidable when no change commits between the replay and the count: with
-        writers busy elsewhere the check is skipped (None) and the next call decides.
+        Only decidable when the index has applied the feed up to its head: while changes
+        are pending the check is skipped (None) and a later call decides.
         """
         with self.index.applying():
-            self.follower.catch_up()
             with self.sessions() as session:
                 head, stored = feed.head_and_count(session, self.bundle.model_id)
             if head != self.index.sequence:
@@ -266,6 +267,8 @@ class Runtime:
                 NOT_READY_SWITCHED,
                 f"model {self.follower.switched_to} is now active; loading its bundle",
             )
+        # Not caught up here: /ready must show a follower that stopped keeping up.
+        self.follower.count_pending()
         problem = self.disagreement()
         with self.sessions() as session:
             images = int(session.scalar(select(func.count()).select_from(Image)) or 0)
@@ -317,6 +320,11 @@ class Runtime:
         self.follower.stop()
         try:
             self.inference.shutdown(wait=True)
+            try:
+                # The saved position then covers this process's own last changes too.
+                self.follower.catch_up()
+            except SQLAlchemyError as exc:
+                logger.warning("feed not read before the final save: %s", type(exc).__name__)
             if self.index.stale_reason is None:
                 self.index.save_if_dirty()
         finally:
