@@ -173,6 +173,7 @@ def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None
             app.state.runtime = None
             await anyio.to_thread.run_sync(runtime.close)
             logger.info("shut down; index saved")
+        app.state.metrics.close()
 
     app = FastAPI(
         title="ConVIRT chest X-ray retrieval",
@@ -213,3 +214,14 @@ def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None
     # Added last, so outermost: it sees the final status of every response, errors included.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
+
+
+def create_worker_app() -> FastAPI:
+    """The app of one ``convirt serve --workers N`` worker: settings from the environment
+    (the parent exported them), logging set up in this fresh process."""
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
+    )
+    return create_app(settings)

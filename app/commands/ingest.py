@@ -8,8 +8,9 @@ files without a suffix, which DICOM exports often are) or a single image file.
 Safe to re-run after an interruption: images are deduplicated by content hash, each batch
 commits its rows with their embeddings in one transaction, and the start-up reconcile
 rebuilds the index from the database if the last run died between a commit and an index
-save. Run it while the service is stopped (or restart the service afterwards): the running
-service does not see rows another process adds until its next start-up reconcile.
+save. Run it while the service serves: each batch's commit writes change feed records that
+every serving process follows, so the images become searchable there within a second or
+two, and ``/ready`` stays 200.
 
 Exit status: 0 when every file was stored (or already was), 1 when some failed (listed in
 the log), 2 for unusable arguments or settings.

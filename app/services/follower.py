@@ -80,6 +80,13 @@ class FeedFollower:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.last_error: str | None = None
+        # A direct change to the index (this process's own write) is in the feed already:
+        # a round soon after confirms it and moves the position past it.
+        index.on_change = self.wake
+
+    def wake(self) -> None:
+        """Run a round now rather than at the next poll."""
+        self._wake.set()
 
     # -- one round ---------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,6 +52,8 @@ class LiveIndex:
         self.sequence = sequence
         # Re-entrant: a follower round holds it and calls add/remove, which take it too.
         self._apply = threading.RLock()
+        #: Called after a change to the index (the follower: confirm it in the feed soon).
+        self.on_change: Callable[[], None] | None = None
         self._save_mutex = threading.Lock()
         # Spans a whole database change *and* its index change, so that a rebuild (which
         # reads the database, then swaps the index) never misses a change in between.
@@ -135,6 +137,7 @@ class LiveIndex:
                 if new.any():
                     index.add(ids[new], vectors[new])
                     self._dirty = True
+                    self._changed()
         except Exception as exc:
             # The rows are committed already: the database stays right, the index is rebuilt.
             self.mark_stale(f"add of {len(ids)} vectors failed: {type(exc).__name__}: {exc}")
@@ -147,10 +150,15 @@ class LiveIndex:
             with self._apply:
                 if self._index.remove(ids):
                     self._dirty = True
+                    self._changed()
         except Exception as exc:
             self.mark_stale(f"removal of {len(ids)} vectors failed: {type(exc).__name__}: {exc}")
             return False
         return True
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def replace(self, index: VectorIndex, *, saved: bool, sequence: int) -> None:
         """Swap in a rebuilt index, complete up to feed ``sequence``."""

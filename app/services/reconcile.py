@@ -65,23 +65,23 @@ class ModelNotActiveError(AppError):
 def register_model(
     sessions: sessionmaker[Session], bundle: EncoderBundle, *, switch: bool = True
 ) -> bool:
-    """Insert the bundle's model row if missing and make it the active one; True if new.
+    """Insert the bundle's model row if missing; make it active when no other model is.
 
-    With ``switch`` false the bundle's model becomes active only when no model is active
-    yet: a process starting with an old bundle must not switch every other process back.
-    Raises :class:`ModelNotActiveError` when another model is active then.
+    Returns whether the row is new. When another model is active: with ``switch`` the
+    bundle's model stays inactive for now (the caller embeds every image with it, then
+    calls :func:`activate_model`, so that no process switches to a half-embedded model);
+    without it :class:`ModelNotActiveError` is raised, because a process starting with an
+    old bundle must not switch every other process back.
     """
     with sessions() as session, session.begin():
-        if not switch:
-            active = session.scalar(select(EncoderModel.id).where(EncoderModel.is_active))
-            if active is not None and active != bundle.model_id:
-                raise ModelNotActiveError(
-                    f"the active model is {active}, not this bundle's {bundle.model_id}: "
-                    "run `convirt reindex` with this bundle to switch to it"
-                )
+        active = session.scalar(select(EncoderModel.id).where(EncoderModel.is_active))
+        if active is not None and active != bundle.model_id and not switch:
+            raise ModelNotActiveError(
+                f"the active model is {active}, not this bundle's {bundle.model_id}: "
+                "run `convirt reindex` with this bundle to switch to it"
+            )
         row = session.get(EncoderModel, bundle.model_id)
         created = row is None
-        switched = row is None or not row.is_active
         if row is None:
             name = bundle.name or bundle.model_id[:19]
             session.add(
@@ -90,23 +90,38 @@ def register_model(
                     name=name[:200],
                     dim=bundle.dim,
                     config=dict(bundle.config),
-                    is_active=True,
+                    is_active=False,
                 )
             )
-        else:
-            row.is_active = True
-        session.execute(
-            update(EncoderModel)
-            .where(EncoderModel.id != bundle.model_id, EncoderModel.is_active.is_(True))
-            .values(is_active=False)
-        )
-        if switched:
-            # Every process serving another model learns of the switch from the feed.
-            session.flush()
-            feed.record_switch(session, bundle.model_id)
     if created:
         logger.info("registered model %s (dim %d)", bundle.model_id, bundle.dim)
+    if active is None or active == bundle.model_id:
+        activate_model(sessions, bundle.model_id)
     return created
+
+
+def activate_model(sessions: sessionmaker[Session], model_id: str) -> bool:
+    """Make ``model_id`` the active model; True when that is a switch.
+
+    A switch is recorded in the change feed: every process serving another model learns
+    of it there.
+    """
+    with sessions() as session, session.begin():
+        row = session.get(EncoderModel, model_id)
+        if row is None:
+            raise ModelNotActiveError(f"model {model_id} is not registered")
+        if row.is_active:
+            return False
+        row.is_active = True
+        session.execute(
+            update(EncoderModel)
+            .where(EncoderModel.id != model_id, EncoderModel.is_active.is_(True))
+            .values(is_active=False)
+        )
+        session.flush()
+        feed.record_switch(session, model_id)
+    logger.info("model %s is now the active model", model_id)
+    return True
 
 
 def count_embeddings(sessions: sessionmaker[Session], model_id: str) -> int:
@@ -341,6 +356,8 @@ def reconcile(
             "%d stored images have no readable PNG and stay out of the index",
             len(report.unembeddable),
         )
+    if switch_model:
+        activate_model(sessions, bundle.model_id)
     if reembed_all:
         index, report.sequence = rebuild_index(
             sessions, model_id=bundle.model_id, dim=bundle.dim, factory=factory

@@ -111,10 +111,11 @@ class Runtime:
             model_id=bundle.model_id,
             poll_interval_s=settings.feed_poll_interval_s,
         )
-        metrics.index_vectors.set_function(lambda: index.ntotal)
-        metrics.feed_sequence.set_function(lambda: index.sequence)
-        metrics.feed_lag_changes.set_function(lambda: self.follower.lag().changes)
-        metrics.feed_lag_seconds.set_function(lambda: self.follower.lag().seconds)
+        metrics.bind(metrics.index_vectors, lambda: index.ntotal)
+        metrics.bind(metrics.feed_sequence, lambda: index.sequence)
+        metrics.bind(metrics.feed_lag_changes, lambda: self.follower.lag().changes)
+        metrics.bind(metrics.feed_lag_seconds, lambda: self.follower.lag().seconds)
+        self.follower.on_applied = lambda _lag: metrics.refresh()
         # Model inference runs on these few threads only: the pool size bounds how many
         # inferences run at once, and torch's and FAISS's OpenMP thread teams, which are
         # made per calling thread, stay as few as the pool's threads instead of one team
