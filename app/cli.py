@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "serve",
     "ingest",
     "reindex",
+    "worker",
     "evaluate",
     "demo",
 )

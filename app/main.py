@@ -37,6 +37,7 @@ from app.api.problems import install_problem_handlers
 from app.api.uploads import BodyLimitMiddleware
 from app.security import ApiKeyMiddleware, encode_keys, require_api_key
 from app.services.evaluations import EvaluationJobs  # evaluation jobs (issue 6)
+from app.services.job_worker import JobWorker
 from app.services.metrics import Metrics, MetricsMiddleware
 from app.services.runtime import Runtime
 from app.settings import Settings
@@ -162,12 +163,18 @@ def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(_start_runtime, app, settings, bundle)
+        worker: JobWorker | None = None
+        if settings.evaluation_worker:
+            worker = JobWorker(app.state.evaluations, lambda: app.state.runtime)
+            worker.start()
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_maintenance_loop, app, settings, bundle)
             try:
                 yield
             finally:
                 tasks.cancel_scope.cancel()
+        if worker is not None:
+            await anyio.to_thread.run_sync(worker.stop, 60.0)
         runtime: Runtime | None = app.state.runtime
         if runtime is not None:
             app.state.runtime = None
@@ -190,7 +197,8 @@ def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None
     app.state.api_keys = encode_keys(settings.api_keys)
     app.state.runtime = None
     app.state.startup_error = None
-    app.state.evaluations = EvaluationJobs()  # evaluation jobs (issue 6): one run at a time
+    # Evaluation jobs: a queue in the database, one run at a time across processes.
+    app.state.evaluations = EvaluationJobs(lease_s=settings.evaluation_lease_s)
 
     app.include_router(health.router)
     app.include_router(images.router)

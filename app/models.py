@@ -50,6 +50,7 @@ from sqlalchemy import (
     Text,
     false,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -63,6 +64,8 @@ MODEL_ID_CHARS: Final = 71
 CONTENT_HASH_CHARS: Final = 64
 #: Relative paths of stored files.
 PATH_CHARS: Final = 512
+#: Names of the processes that run evaluation jobs.
+WORKER_CHARS: Final = 128
 
 EVALUATION_STATUSES: Final[tuple[str, ...]] = ("queued", "running", "succeeded", "failed")
 #: Kinds of change feed records: an embedding added, an image's embeddings removed, the
@@ -261,6 +264,10 @@ class Embedding(TimestampMixin, Base):
 class EvaluationRun(Base):
     """One evaluation of a model under a protocol, run in the background.
 
+    A job queue: a worker claims a ``queued`` run (``worker``, ``lease_expires_at``,
+    ``attempts`` + 1), renews the lease while it runs, and records the outcome; a run
+    whose lease expired is queued again once, then failed (:mod:`app.services.jobs`).
+
     ``model_id`` is not a foreign key: a run's record outlives the model row.
     """
 
@@ -279,6 +286,13 @@ class EvaluationRun(Base):
     )
     started_at: Mapped[dt.datetime | None] = mapped_column()
     finished_at: Mapped[dt.datetime | None] = mapped_column()
+    worker: Mapped[str | None] = mapped_column(
+        String(WORKER_CHARS), comment="the process running it (host:pid:thread)"
+    )
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(
+        comment="a running run whose lease passed lost its worker"
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
     __table_args__ = (
         CheckConstraint(

@@ -116,6 +116,15 @@ class Settings(BaseSettings):
         gt=0,
         description="/ready answers 503 index_lagging when the index is this far behind",
     )
+    evaluation_worker: bool = Field(
+        default=True,
+        description="run evaluation jobs in a thread of the serving process",
+    )
+    evaluation_lease_s: float = Field(
+        default=30.0,
+        ge=3.0,
+        description="seconds an evaluation run's claim lasts unless its worker renews it",
+    )
     log_level: LogLevel = "INFO"
 
     @model_validator(mode="before")

@@ -8,17 +8,16 @@ A run scores the service's encoder bundle with :mod:`model.evaluation` over one 
 - ``stored``: the images already stored in the service, with their labels, sampled the
   same way (their de-identified PNGs are what is embedded).
 
-One run at a time per process: :meth:`EvaluationJobs.submit` validates the request
-synchronously (so a missing image or an absent category is a 422 problem at once), stores
-an ``evaluation_runs`` row and starts a worker thread; a second submission while one runs
-raises :class:`EvaluationBusyError` (409). The worker records progress, then the results
-(``report.json``'s document) or the error, and writes the report files under
-``{data_dir}/evaluations/{id}/``. Image vectors are cached in the ``embedding_cache``
-table by (model id, content hash), so a repeated run over the same images is quick.
-
-The service runs as one process (``convirt serve``): runs left ``queued`` or ``running``
-in the database by a process that stopped are marked failed (``interrupted``) the first
-time this process touches the runs.
+One run at a time across every process: :meth:`EvaluationJobs.submit` validates the
+request synchronously (so a missing image or an absent category is a 422 problem at
+once) and stores a ``queued`` ``evaluation_runs`` row; a submission while another run is
+queued or running raises :class:`EvaluationBusyError` (409). A worker — a thread of the
+serving process by default, or ``convirt worker`` processes — claims it from the job
+queue (:mod:`app.services.jobs`: leases, retry once, never two running at once), records
+progress, then the results (``report.json``'s document) or the error, and writes the
+report files under ``{data_dir}/evaluations/{id}/``. Image vectors are cached in the
+``embedding_cache`` table by (model id, content hash), so a repeated run over the same
+images is quick.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import ProblemError
 from app.models import CachedEmbedding, EvaluationRun, Image, utcnow
+from app.services.jobs import LEASE_S, JobQueue
 from app.services.runtime import Runtime
 from model.errors import ModelError
 from model.evaluation.baseline import InitialBackbone
@@ -100,6 +100,33 @@ class EvaluationRequest:
     backbone: bool = True
     random_repeats: int = 20
 
+    @classmethod
+    def from_run(cls, protocol: str, params: Mapping[str, Any]) -> EvaluationRequest:
+        """The request a stored run was made with (the inverse of :meth:`params`)."""
+        queries = params.get("text_queries")
+        categories = params.get("categories")
+        defaults = cls(protocol=protocol)
+        return cls(
+            protocol=protocol,
+            root=params.get("root"),
+            protocol_dir=params.get("protocol_dir"),
+            manifest=params.get("manifest"),
+            categories=tuple(categories) if categories else None,
+            candidates_per_category=int(
+                params.get("candidates_per_category", defaults.candidates_per_category)
+            ),
+            queries_per_category=int(
+                params.get("queries_per_category", defaults.queries_per_category)
+            ),
+            text_queries=tuple((str(c), str(t)) for c, t in queries)
+            if isinstance(queries, list)
+            else (),
+            seed=int(params.get("seed", defaults.seed)),
+            ks=tuple(int(k) for k in params.get("ks", defaults.ks)),
+            backbone=bool(params.get("backbone", defaults.backbone)),
+            random_repeats=int(params.get("random_repeats", defaults.random_repeats)),
+        )
+
     def params(self) -> dict[str, Any]:
         """The request as stored with the run (JSON)."""
         out: dict[str, Any] = {
@@ -153,104 +180,125 @@ class DatabaseEmbeddingCache:
 @dataclass
 class _Job:
     run_id: int
-    thread: threading.Thread
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
 class EvaluationJobs:
-    """The evaluation runner of one app (``app.state.evaluations``)."""
+    """Submission and execution of evaluation runs (``app.state.evaluations``).
 
-    def __init__(self) -> None:
+    Submitting needs no worker; :meth:`execute` is what a worker calls for a run it
+    claimed (:class:`app.services.job_worker.JobWorker`).
+    """
+
+    def __init__(self, *, lease_s: float = LEASE_S) -> None:
+        self.lease_s = lease_s
         self._lock = threading.Lock()
         self._job: _Job | None = None
-        self._recovered = False
+        self._sessions: sessionmaker[Session] | None = None
+        #: Set on submission: a worker thread of this process looks at the queue at once.
+        self.submitted = threading.Event()
 
     # -- queries -------------------------------------------------------------------------
 
     def running_id(self) -> int | None:
-        """Id of the run in progress in this process, if any."""
+        """Id of the run this process is executing, if any."""
         with self._lock:
-            job = self._job
-            return job.run_id if job is not None and job.thread.is_alive() else None
+            return self._job.run_id if self._job is not None else None
+
+    def queue(self, sessions: sessionmaker[Session]) -> JobQueue:
+        self._sessions = sessions
+        return JobQueue(sessions, lease_s=self.lease_s)
 
     def recover(self, sessions: sessionmaker[Session]) -> None:
-        """Mark runs another (stopped) process left unfinished as failed; once per process."""
-        with self._lock:
-            if self._recovered:
-                return
-            self._recovered = True
-            live = self._job.run_id if self._job is not None else None
-        with sessions() as session, session.begin():
-            stale = session.scalars(
-                select(EvaluationRun).where(EvaluationRun.status.in_(("queued", "running")))
-            ).all()
-            for run in stale:
-                if run.id == live:
-                    continue
-                run.status = "failed"
-                run.error = "interrupted: the service stopped before the run finished"
-                run.finished_at = utcnow()
-                logger.warning("evaluation %d was interrupted by a service stop", run.id)
+        """Settle runs whose worker stopped (lease passed): queued again once, or failed."""
+        self.queue(sessions).reap_now()
 
     # -- submission ----------------------------------------------------------------------
 
     def submit(self, runtime: Runtime, request: EvaluationRequest) -> EvaluationRun:
-        """Validate, store a queued run and start it; returns the stored row.
+        """Validate and store a queued run; returns the stored row.
 
-        Raises :class:`EvaluationBusyError` while another run is in progress and a
-        :class:`model.errors.ModelError` (``image_missing``, ``category_absent``,
-        ``not_enough_images``…) for a request that cannot be evaluated.
+        Raises :class:`EvaluationBusyError` while another run is queued or running (in
+        any process) and a :class:`model.errors.ModelError` (``image_missing``,
+        ``category_absent``, ``not_enough_images``…) for a request that cannot be evaluated.
         """
-        self.recover(runtime.sessions)
-        with self._lock:
-            if self._job is not None and self._job.thread.is_alive():
-                raise EvaluationBusyError(self._job.run_id)
-            protocol, root = self._protocol(runtime, request)
-            options = EvaluationOptions(
-                ks=request.ks,
-                random_repeats=request.random_repeats,
-                seed=request.seed,
+        queue = self.queue(runtime.sessions)
+        queue.reap_now()
+        busy = queue.active_run()
+        if busy is not None:
+            raise EvaluationBusyError(busy)
+        self._protocol(runtime, request)
+        with runtime.sessions() as session, session.begin():
+            run = EvaluationRun(
+                model_id=runtime.bundle.model_id,
+                protocol=request.protocol,
+                params=request.params(),
+                status="queued",
+                progress=0.0,
             )
-            with runtime.sessions() as session, session.begin():
-                run = EvaluationRun(
-                    model_id=runtime.bundle.model_id,
-                    protocol=request.protocol,
-                    params=request.params(),
-                    status="queued",
-                    progress=0.0,
-                )
-                session.add(run)
-                session.flush()
-                session.expunge(run)
-            run_id = run.id
-            cancel = threading.Event()
-            thread = threading.Thread(
-                target=self._work,
-                args=(runtime, run_id, protocol, root, options, request.backbone, cancel),
-                name=f"evaluation-{run_id}",
-                daemon=True,
-            )
-            self._job = _Job(run_id=run_id, thread=thread, cancel=cancel)
-            thread.start()
-        logger.info("evaluation %d queued (%s)", run_id, request.protocol)
+            session.add(run)
+            session.flush()
+            session.expunge(run)
+        logger.info("evaluation %d queued (%s)", run.id, request.protocol)
+        self.submitted.set()
         return run
 
     def cancel(self, timeout: float | None = None) -> None:
-        """Ask the running evaluation to stop and wait up to ``timeout`` seconds for it."""
+        """Ask the run this process executes to stop; wait up to ``timeout`` seconds."""
         with self._lock:
             job = self._job
         if job is not None:
             job.cancel.set()
-            job.thread.join(timeout)
+        self.wait_local(timeout)
+
+    def wait_local(self, timeout: float | None = None) -> bool:
+        """Wait until this process executes no run; True when it does not."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.running_id() is not None:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the running evaluation; True when none is running afterwards."""
+        """Wait until no run is queued or running anywhere; True when none is afterwards."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            sessions = self._sessions
+            idle = self.running_id() is None and (
+                sessions is None or self.queue(sessions).active_run() is None
+            )
+            if idle:
+                return True
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+    # -- execution -----------------------------------------------------------------------
+
+    def execute(self, runtime: Runtime, run_id: int, cancel: threading.Event) -> None:
+        """Run a claimed run to its end: results, or the error, are stored with it."""
         with self._lock:
-            job = self._job
-        if job is None:
-            return True
-        job.thread.join(timeout)
-        return not job.thread.is_alive()
+            self._job = _Job(run_id, cancel)
+        try:
+            with runtime.sessions() as session:
+                run = session.get(EvaluationRun, run_id)
+                if run is None:
+                    return
+                request = EvaluationRequest.from_run(run.protocol, run.params or {})
+            try:
+                protocol, root = self._protocol(runtime, request)
+            except (ModelError, ProblemError) as exc:
+                # Valid when submitted, no longer (files moved, images deleted).
+                self._finish_failed(runtime.sessions, run_id, f"{exc.code}: {exc}")
+                return
+            options = EvaluationOptions(
+                ks=request.ks, random_repeats=request.random_repeats, seed=request.seed
+            )
+            self._work(runtime, run_id, protocol, root, options, request.backbone, cancel)
+        finally:
+            with self._lock:
+                self._job = None
 
     def _protocol(
         self, runtime: Runtime, request: EvaluationRequest
@@ -337,7 +385,6 @@ class EvaluationJobs:
                 self._update(sessions, run_id, progress=min(max(fraction, 0.0), 0.99))
 
         try:
-            self._update(sessions, run_id, status="running", started_at=utcnow())
             backbone = InitialBackbone.from_bundle(runtime.bundle) if with_backbone else None
             result = run_evaluation(
                 protocol,
@@ -363,10 +410,11 @@ class EvaluationJobs:
                 progress=1.0,
                 results=document,
                 finished_at=utcnow(),
+                lease_expires_at=None,
             )
             logger.info("evaluation %d succeeded in %.1f s", run_id, result.seconds)
         except EvaluationCancelled:
-            self._finish_failed(sessions, run_id, "cancelled: the service is stopping")
+            self._finish_failed(sessions, run_id, "cancelled: its worker is stopping")
         except ModelError as exc:
             logger.warning("evaluation %d failed (%s): %s", run_id, exc.code, exc)
             self._finish_failed(sessions, run_id, f"{exc.code}: {exc}")
@@ -376,9 +424,16 @@ class EvaluationJobs:
 
     def _finish_failed(self, sessions: sessionmaker[Session], run_id: int, error: str) -> None:
         try:
-            self._update(sessions, run_id, status="failed", error=error, finished_at=utcnow())
+            self._update(
+                sessions,
+                run_id,
+                status="failed",
+                error=error,
+                finished_at=utcnow(),
+                lease_expires_at=None,
+            )
         except Exception:
-            # The database itself failed: the next process marks the run interrupted.
+            # The database itself failed: the lease runs out and the run is reaped.
             logger.exception("could not record the failure of evaluation %d", run_id)
 
 

@@ -1,4 +1,4 @@
-"""Change feed: the ``changes`` table every process's index follows.
+"""Many processes: the ``changes`` feed every index follows; evaluation runs as a job queue.
 
 Revision ID: 0004
 Revises: 0001
@@ -46,5 +46,32 @@ def upgrade() -> None:
     )
 
 
+    # Evaluation runs become jobs any worker process can claim, with a lease.
+    with op.batch_alter_table("evaluation_runs") as batch:
+        batch.add_column(
+            sa.Column(
+                "worker",
+                sa.String(128),
+                nullable=True,
+                comment="the process running it (host:pid:thread)",
+            )
+        )
+        batch.add_column(
+            sa.Column(
+                "lease_expires_at",
+                sa.DateTime(timezone=True),
+                nullable=True,
+                comment="a running run whose lease passed lost its worker",
+            )
+        )
+        batch.add_column(
+            sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("0"))
+        )
+
+
 def downgrade() -> None:
+    with op.batch_alter_table("evaluation_runs") as batch:
+        batch.drop_column("attempts")
+        batch.drop_column("lease_expires_at")
+        batch.drop_column("worker")
     op.drop_table("changes")
