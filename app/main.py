@@ -19,7 +19,6 @@ Run it with ``convirt serve`` (uvicorn).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -115,12 +114,14 @@ def _follow_switch(app: FastAPI, settings: Settings, runtime: Runtime) -> bool:
         logger.warning("cannot read the bundle at %s: %s", settings.bundle_dir, exc)
         return False
     if on_disk != target:
-        logger.warning(
-            "model %s is active but %s holds %s; install its bundle there",
-            target,
-            settings.bundle_dir,
-            on_disk,
-        )
+        if getattr(app.state, "switch_warned", None) != target:
+            app.state.switch_warned = target
+            logger.warning(
+                "model %s is active but %s holds %s; install its bundle there",
+                target,
+                settings.bundle_dir,
+                on_disk,
+            )
         return False
     successor = Runtime.start(settings, metrics=app.state.metrics)
     successor.follower.start()
@@ -132,7 +133,6 @@ def _follow_switch(app: FastAPI, settings: Settings, runtime: Runtime) -> bool:
 
 async def _maintenance_loop(app: FastAPI, settings: Settings, bundle: EncoderBundle | None) -> None:
     retry = MAINTENANCE_INTERVAL_S
-    next_switch_try = 0.0
     while True:
         runtime: Runtime | None = app.state.runtime
         if runtime is None:
@@ -142,9 +142,9 @@ async def _maintenance_loop(app: FastAPI, settings: Settings, bundle: EncoderBun
             continue
         await anyio.sleep(MAINTENANCE_INTERVAL_S)
         try:
-            if runtime.follower.switched_to is not None and time.monotonic() >= next_switch_try:
-                if not await anyio.to_thread.run_sync(_follow_switch, app, settings, runtime):
-                    next_switch_try = time.monotonic() + MAX_RETRY_S
+            if runtime.follower.switched_to is not None:
+                # Cheap until the bundle is there: only its manifest is read.
+                await anyio.to_thread.run_sync(_follow_switch, app, settings, runtime)
                 continue
             await anyio.to_thread.run_sync(runtime.maintain)
         except Exception:
