@@ -318,8 +318,11 @@ def throwaway_postgres(work: Path) -> Iterator[str | None]:
         capture_output=True,
     )
     options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={base}"
+    # The server's output goes to a file: a pipe it held open would block this call.
+    start = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(base / "data"), "-o", options]
+    start.extend(("-l", str(base / "server.log"), "-w", "start"))
     subprocess.run(
-        [*as_user, str(bin_dir / "pg_ctl"), "-D", str(base / "data"), "-o", options, "-w", "start"],
+        start,
         check=True,
         capture_output=True,
     )
