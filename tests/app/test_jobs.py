@@ -146,6 +146,71 @@ def test_a_running_run_without_a_lease_is_reaped(makers: list[sessionmaker[Sessi
     assert _status(makers[0], run_id).status == "queued"
 
 
+STORED_PARAMS = {
+    "categories": ["No Finding", "Pneumonia"],
+    "candidates_per_category": 5,
+    "queries_per_category": 2,
+    "seed": 3,
+    "ks": [1, 5],
+    "backbone": True,
+    "random_repeats": 5,
+    "text_queries": "built-in",
+}
+
+
+def _ingest_labelled(
+    folder: Path,
+    kermany_images: list[tuple[bytes, dict[str, float | None]]],
+    options: list[str],
+) -> None:
+    """Store the labelled radiographs with ``convirt ingest`` of a manifest."""
+    folder.mkdir()
+    lines = []
+    for i, (data, labels) in enumerate(kermany_images):
+        (folder / f"study{i:02d}.png").write_bytes(data)
+        record = {"image": f"study{i:02d}.png", "labels": labels, "report": ""}
+        lines.append(json.dumps({**record, "patient_id": f"p{i}"}))
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "ingest", str(manifest), "--no-progress", *options],
+        capture_output=True,
+        text=True,
+        env=process_env(),
+        cwd=PROJECT_ROOT,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _watch_and_kill_one(
+    sessions: sessionmaker[Session], ids: list[int], workers: list[subprocess.Popen[bytes]]
+) -> tuple[int, bool]:
+    """Poll the runs until all ended; SIGKILL the worker of the first one seen running.
+
+    Returns the most runs ever seen running at once, and whether a worker was killed.
+    """
+    most_running, killed = 0, False
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        with sessions() as session:
+            rows = session.execute(
+                select(EvaluationRun.status, EvaluationRun.worker).where(EvaluationRun.id.in_(ids))
+            ).all()
+        running = [r for r in rows if r.status == "running"]
+        most_running = max(most_running, len(running))
+        if running and not killed:
+            # Its lease must run out and the run be taken again, not stay "running".
+            pid = int(str(running[0].worker).split(":")[1])
+            next(w for w in workers if w.pid == pid).send_signal(signal.SIGKILL)
+            killed = True
+        if all(r.status in ("succeeded", "failed") for r in rows):
+            break
+        time.sleep(0.05)
+    return most_running, killed
+
+
 @pytest.mark.slow
 def test_two_worker_processes_never_run_two_evaluations_at_once(
     tmp_path: Path,
@@ -153,96 +218,40 @@ def test_two_worker_processes_never_run_two_evaluations_at_once(
     bundle_dir: Path,
     kermany_images: list[tuple[bytes, dict[str, float | None]]],
 ) -> None:
-    data_dir = tmp_path / "data"
     options = settings_options(
-        data_dir=data_dir,
+        data_dir=tmp_path / "data",
         database_url=database_url,
         bundle_dir=bundle_dir,
         index_dir=tmp_path / "index",
     )
-    folder = tmp_path / "incoming"
-    folder.mkdir()
-    manifest = folder / "manifest.jsonl"
-    lines = []
-    for i, (data, labels) in enumerate(kermany_images):
-        (folder / f"study{i:02d}.png").write_bytes(data)
-        record = {
-            "image": f"study{i:02d}.png",
-            "labels": labels,
-            "report": "",
-            "patient_id": f"p{i}",
-        }
-        lines.append(json.dumps(record))
-    manifest.write_text("\n".join(lines) + "\n")
-    env = process_env(CONVIRT_EVALUATION_LEASE_S="3")
-    done = subprocess.run(
-        [sys.executable, "-m", "app.cli", "ingest", str(manifest), "--no-progress", *options],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=PROJECT_ROOT,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    _ingest_labelled(tmp_path / "incoming", kermany_images, options)
     engine = create_engine_for_url(database_url)
     sessions = session_factory(engine)
-    with sessions() as session:
-        model_id = session.scalar(select(EncoderModel.id).where(EncoderModel.is_active))
-    assert model_id is not None
-    params = {
-        "categories": ["No Finding", "Pneumonia"],
-        "candidates_per_category": 5,
-        "queries_per_category": 2,
-        "seed": 3,
-        "ks": [1, 5],
-        "backbone": True,
-        "random_repeats": 5,
-        "text_queries": "built-in",
-    }
     with sessions() as session, session.begin():
+        model_id = session.scalar(select(EncoderModel.id).where(EncoderModel.is_active))
+        assert model_id is not None
         runs = [
-            EvaluationRun(model_id=model_id, protocol="stored", params=params, status="queued")
+            EvaluationRun(
+                model_id=model_id, protocol="stored", params=STORED_PARAMS, status="queued"
+            )
             for _ in range(3)
         ]
         session.add_all(runs)
         session.flush()
         ids = [run.id for run in runs]
-
     logs = [(tmp_path / f"worker{i}.log").open("wb") for i in range(2)]
     workers = [
         subprocess.Popen(
             [sys.executable, "-m", "app.cli", "worker", *options],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=process_env(CONVIRT_EVALUATION_LEASE_S="3"),
             cwd=PROJECT_ROOT,
         )
         for log in logs
     ]
-    most_running = 0
-    killed = False
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            with sessions() as session:
-                rows = session.execute(
-                    select(EvaluationRun.id, EvaluationRun.status, EvaluationRun.worker).where(
-                        EvaluationRun.id.in_(ids)
-                    )
-                ).all()
-            running = [r for r in rows if r.status == "running"]
-            most_running = max(most_running, len(running))
-            if running and not killed:
-                # Kill the worker of the first run outright: its lease must run out and
-                # the run be taken again, not stay "running".
-                pid = int(str(running[0].worker).split(":")[1])
-                victim = next(w for w in workers if w.pid == pid)
-                victim.send_signal(signal.SIGKILL)
-                killed = True
-            if all(r.status in ("succeeded", "failed") for r in rows):
-                break
-            time.sleep(0.05)
+        most_running, killed = _watch_and_kill_one(sessions, ids, workers)
     finally:
         for worker in workers:
             if worker.poll() is None:

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -53,6 +54,46 @@ def _within(condition: Callable[[], bool], seconds: float) -> float:
     return time.monotonic() - start
 
 
+def _ingest_while_serving(
+    folder: Path, options: list[str], servers: tuple[ServeProcess, ...]
+) -> tuple[dict[str, Any], list[str]]:
+    """Run ``convirt ingest`` while polling the servers' /ready: its summary, and every
+    /ready answer that was not 200."""
+    ingest = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "ingest",
+            str(folder),
+            "--no-progress",
+            "--batch-size",
+            "4",
+            *options,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=process_env(),
+        cwd=PROJECT_ROOT,
+    )
+    not_ready: list[str] = []
+    try:
+        while ingest.poll() is None:
+            for server in servers:
+                response = server.client.get("/ready")
+                if response.status_code != 200:
+                    not_ready.append(response.text)
+            time.sleep(0.25)
+        out, err = ingest.communicate(timeout=60)
+    finally:
+        if ingest.poll() is None:
+            ingest.kill()
+    assert ingest.returncode == 0, err[-4000:]
+    summary: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return summary, not_ready
+
+
 def test_two_servers_and_an_ingest_stay_consistent(
     tmp_path: Path,
     database_url: str,
@@ -81,38 +122,7 @@ def test_two_servers_and_an_ingest_stay_consistent(
         servers: tuple[ServeProcess, ...] = (a, b)
         for server in servers:
             server.wait_ready()
-        ingest = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "app.cli",
-                "ingest",
-                str(folder),
-                "--no-progress",
-                "--batch-size",
-                "4",
-                *options("ingest"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=process_env(),
-            cwd=PROJECT_ROOT,
-        )
-        not_ready: list[str] = []
-        try:
-            while ingest.poll() is None:
-                for server in servers:
-                    response = server.client.get("/ready")
-                    if response.status_code != 200:
-                        not_ready.append(response.text)
-                time.sleep(0.25)
-            out, err = ingest.communicate(timeout=60)
-        finally:
-            if ingest.poll() is None:
-                ingest.kill()
-        assert ingest.returncode == 0, err[-4000:]
-        summary = json.loads(out.strip().splitlines()[-1])
+        summary, not_ready = _ingest_while_serving(folder, options("ingest"), servers)
         assert summary["created"] == len(kermany_images)
         assert not_ready == []
 

@@ -67,6 +67,27 @@ def _stored_hashes(url: str) -> list[str]:
         engine.dispose()
 
 
+def _kill_after_first_commit(argv: list[str], url: str) -> None:
+    """Start ``argv`` and SIGKILL it as soon as the database holds an image."""
+    doomed = subprocess.Popen(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=process_env(),
+        cwd=PROJECT_ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not _stored_hashes(url) and time.monotonic() < deadline:
+            assert doomed.poll() is None, "the rank ended before it could be killed"
+            time.sleep(0.02)
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(timeout=30)
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+
+
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_two_ranks_ingest_exactly_the_input_and_a_killed_rank_fills_its_gap(
@@ -93,23 +114,7 @@ def test_two_ranks_ingest_exactly_the_input_and_a_killed_rank_fills_its_gap(
     # As a deployment does before starting the ranks (they would also migrate, in turn).
     upgrade_database(postgres_url)
     # Rank 1 first, alone, killed once part of its shard is stored.
-    doomed = subprocess.Popen(
-        _ingest_argv(folder, options(1), "--shard", "1/2"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=process_env(),
-        cwd=PROJECT_ROOT,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not _stored_hashes(postgres_url) and time.monotonic() < deadline:
-            assert doomed.poll() is None, "rank 1 ended before it could be killed"
-            time.sleep(0.02)
-        doomed.send_signal(signal.SIGKILL)
-        doomed.wait(timeout=30)
-    finally:
-        if doomed.poll() is None:
-            doomed.kill()
+    _kill_after_first_commit(_ingest_argv(folder, options(1), "--shard", "1/2"), postgres_url)
     partial = set(_stored_hashes(postgres_url))
     assert partial
     assert partial < rank_one  # halfway: some of its shard, nothing of the other's
