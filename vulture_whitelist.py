@@ -12,6 +12,7 @@ import faiss
 from pydantic import BaseModel
 
 from app.api.classify import FindingPublic
+from app.main import create_worker_app
 from app.models import Base, EncoderModel, Image, UTCDateTime
 from app.schemas import ImageRecord, SearchPublic, ServingModelPublic, UploadResponse
 from app.services.budget import PixelBudget
@@ -80,3 +81,6 @@ EpochBatchSampler.global_batch
 
 # The pixels held now: what the budget tests and an operator's debugger read.
 PixelBudget.in_use
+
+# uvicorn imports it by name ("app.main:create_worker_app") in each `serve --workers` process.
+create_worker_app

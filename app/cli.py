@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "serve",
     "ingest",
     "reindex",
+    "worker",
     "evaluate",
     "demo",
 )

@@ -7,8 +7,10 @@ Nothing happens at import. ``create_app`` builds the app from the settings it is
   database (:class:`app.services.runtime.Runtime`). If that fails (no bundle yet, database
   down) the app still answers: ``/health`` is 200, ``/ready`` and the API are 503
   ``service_not_ready``, and start-up is retried in the background;
-- while running: every few seconds, save unsaved index changes, or rebuild an index that
-  a failed change left stale;
+- while running: a follower thread applies the database's change feed to the index
+  (changes by other processes); every few seconds, save unsaved index changes, rebuild an
+  index that a failed change left stale, or move to the model another process switched
+  to (``convirt reindex``) once its bundle is in the bundle directory;
 - shutdown: save the index, close the database connections.
 
 Run it with ``convirt serve`` (uvicorn).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Final
 
 import anyio
@@ -41,12 +44,20 @@ from app.security import (
     require_api_key,
 )
 from app.services.evaluations import EvaluationJobs
+from app.services.job_worker import JobWorker
 from app.services.metrics import Metrics, MetricsMiddleware
 from app.services.runtime import Runtime
 from app.settings import Settings
-from model.bundle import EncoderBundle
+from model.bundle import EncoderBundle, read_bundle_manifest
+from model.errors import ModelError
 
 logger = logging.getLogger(__name__)
+
+
+def read_bundle_model_id(bundle_dir: Path) -> str:
+    """The model id a bundle directory's manifest names (its files are not hashed)."""
+    return str(read_bundle_manifest(bundle_dir)["model_id"])
+
 
 #: Routes open without an API key.
 PUBLIC_PATHS: Final = ("/health", "/ready")
@@ -84,6 +95,8 @@ def _start_runtime(app: FastAPI, settings: Settings, bundle: EncoderBundle | Non
         return False
     app.state.runtime = runtime
     app.state.startup_error = None
+    # Changes made by other processes reach this index from here on.
+    runtime.follower.start()
     report = runtime.report
     logger.info(
         "ready: model %s, %d vectors (index %s)",
@@ -91,6 +104,37 @@ def _start_runtime(app: FastAPI, settings: Settings, bundle: EncoderBundle | Non
         report.vectors,
         f"rebuilt: {report.reason}" if report.rebuilt else "loaded",
     )
+    return True
+
+
+def _follow_switch(app: FastAPI, settings: Settings, runtime: Runtime) -> bool:
+    """Another process made another model active: serve it if our bundle directory has it.
+
+    The new runtime starts (and catches up) beside the old one, which serves meanwhile
+    (``/ready`` says ``model_switched``), then takes its place. Returns False when the
+    bundle directory still holds another model (the operator has yet to install it).
+    """
+    target = runtime.follower.switched_to
+    try:
+        on_disk = read_bundle_model_id(settings.bundle_dir)
+    except ModelError as exc:
+        logger.warning("cannot read the bundle at %s: %s", settings.bundle_dir, exc)
+        return False
+    if on_disk != target:
+        if getattr(app.state, "switch_warned", None) != target:
+            app.state.switch_warned = target
+            logger.warning(
+                "model %s is active but %s holds %s; install its bundle there",
+                target,
+                settings.bundle_dir,
+                on_disk,
+            )
+        return False
+    successor = Runtime.start(settings, metrics=app.state.metrics)
+    successor.follower.start()
+    app.state.runtime = successor
+    runtime.close()
+    logger.info("now serving model %s", successor.bundle.model_id)
     return True
 
 
@@ -105,6 +149,10 @@ async def _maintenance_loop(app: FastAPI, settings: Settings, bundle: EncoderBun
             continue
         await anyio.sleep(MAINTENANCE_INTERVAL_S)
         try:
+            if runtime.follower.switched_to is not None:
+                # Cheap until the bundle is there: only its manifest is read.
+                await anyio.to_thread.run_sync(_follow_switch, app, settings, runtime)
+                continue
             await anyio.to_thread.run_sync(runtime.maintain)
         except Exception:
             # Maintenance failing must not take the service down; /ready shows the state.
@@ -135,17 +183,24 @@ def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(_start_runtime, app, settings, bundle)
+        worker: JobWorker | None = None
+        if settings.evaluation_worker:
+            worker = JobWorker(app.state.evaluations, lambda: app.state.runtime)
+            worker.start()
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_maintenance_loop, app, settings, bundle)
             try:
                 yield
             finally:
                 tasks.cancel_scope.cancel()
+        if worker is not None:
+            await anyio.to_thread.run_sync(worker.stop, 60.0)
         runtime: Runtime | None = app.state.runtime
         if runtime is not None:
             app.state.runtime = None
             await anyio.to_thread.run_sync(runtime.close)
             logger.info("shut down; index saved")
+        app.state.metrics.close()
 
     app = FastAPI(
         title="ConVIRT chest X-ray retrieval",
@@ -162,7 +217,8 @@ def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None
     app.state.api_keys = encode_keys(settings.api_keys)
     app.state.runtime = None
     app.state.startup_error = None
-    app.state.evaluations = EvaluationJobs()  # one evaluation run at a time
+    # Evaluation jobs: a queue in the database, one run at a time across processes.
+    app.state.evaluations = EvaluationJobs(lease_s=settings.evaluation_lease_s)
 
     app.include_router(health.router)
     app.include_router(images.router)
@@ -193,3 +249,14 @@ def create_app(settings: Settings | None = None, *, bundle: EncoderBundle | None
     # Added last, so outermost: it sees the final status of every response, errors included.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
+
+
+def create_worker_app() -> FastAPI:
+    """The app of one ``convirt serve --workers N`` worker: settings from the environment
+    (the parent exported them), logging set up in this fresh process."""
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
+    )
+    return create_app(settings)

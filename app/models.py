@@ -13,6 +13,9 @@ Tables:
 - ``evaluation_runs``: background evaluation runs and their results.
 - ``embedding_cache``: vectors of the evaluation's images keyed by (model id, image
   content hash); these images need not be stored in ``images``.
+- ``changes``: the change feed. One row per embedding added or removed, and one per
+  switch of the active model, written in the same transaction as the change itself; its
+  ``seq`` orders them. Every process's index follows it (:mod:`app.services.feed`).
 
 No column holds a patient identifier (name, patient id, birth date, accession number):
 ``study_ref`` is an opaque reference chosen by the uploading system and must not be one of
@@ -47,6 +50,7 @@ from sqlalchemy import (
     Text,
     false,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -64,8 +68,13 @@ PATH_CHARS: Final = 512
 VIEW_POSITION_CHARS: Final = 16
 MODALITY_CHARS: Final = 16
 STUDY_REF_CHARS: Final = 128
+#: Names of the processes that run evaluation jobs.
+WORKER_CHARS: Final = 128
 
 EVALUATION_STATUSES: Final[tuple[str, ...]] = ("queued", "running", "succeeded", "failed")
+#: Kinds of change feed records: an embedding added, an image's embeddings removed, the
+#: active model switched.
+CHANGE_OPS: Final[tuple[str, ...]] = ("add", "remove", "switch")
 
 # Deterministic constraint names: Alembic needs them to drop or alter constraints, and
 # SQLite's batch mode rebuilds tables by name.
@@ -263,6 +272,10 @@ class Embedding(TimestampMixin, Base):
 class EvaluationRun(Base):
     """One evaluation of a model under a protocol, run in the background.
 
+    A job queue: a worker claims a ``queued`` run (``worker``, ``lease_expires_at``,
+    ``attempts`` + 1), renews the lease while it runs, and records the outcome; a run
+    whose lease expired is queued again once, then failed (:mod:`app.services.jobs`).
+
     ``model_id`` is not a foreign key: a run's record outlives the model row.
     """
 
@@ -281,6 +294,13 @@ class EvaluationRun(Base):
     )
     started_at: Mapped[dt.datetime | None] = mapped_column()
     finished_at: Mapped[dt.datetime | None] = mapped_column()
+    worker: Mapped[str | None] = mapped_column(
+        String(WORKER_CHARS), comment="the process running it (host:pid:thread)"
+    )
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(
+        comment="a running run whose lease passed lost its worker"
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
     __table_args__ = (
         CheckConstraint(
@@ -315,3 +335,33 @@ class CachedEmbedding(TimestampMixin, Base):
     def as_array(self) -> npt.NDArray[np.float32]:
         """The vector, shape (dim,)."""
         return bytes_to_vector(self.vector, self.dim)
+
+
+class Change(Base):
+    """One record of the change feed, ordered by ``seq``.
+
+    ``add``: the embedding of ``image_id`` under ``model_id`` was stored. ``remove``: the
+    image ``image_id`` was deleted with all its embeddings (``model_id`` is NULL).
+    ``switch``: ``model_id`` became the active model (``image_id`` is NULL). A record holds
+    no vector: a follower reads the current embedding, so replaying a record twice, or
+    one whose image was deleted since, is harmless.
+
+    ``seq`` never goes back, not even after the newest rows are deleted (AUTOINCREMENT on
+    SQLite, a sequence on PostgreSQL); writers take a lock so that rows commit in ``seq``
+    order (:func:`app.services.feed.record`).
+    """
+
+    __tablename__ = "changes"
+
+    seq: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    op: Mapped[str] = mapped_column(String(8))
+    model_id: Mapped[str | None] = mapped_column(String(MODEL_ID_CHARS))
+    image_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(
+        default=utcnow, server_default=func.current_timestamp()
+    )
+
+    __table_args__ = (
+        CheckConstraint("op IN (" + ", ".join(f"'{s}'" for s in CHANGE_OPS) + ")", name="known_op"),
+        {"sqlite_autoincrement": True},
+    )

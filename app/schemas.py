@@ -226,3 +226,6 @@ class ReadyPublic(BaseModel):
         description="conditions that do not stop serving, e.g. an index not yet saved to disk",
     )
     model: ServingModelPublic
+    feed_sequence: int = Field(description="change feed position the index is complete up to")
+    feed_lag_changes: int = Field(description="committed changes not yet applied to the index")
+    feed_lag_seconds: float = Field(description="seconds since the index last caught up")

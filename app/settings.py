@@ -144,6 +144,26 @@ class Settings(BaseSettings):
         description="also keep the uploaded file (a DICOM may carry patient identifiers)",
     )
     thumbnail_size: int = Field(default=256, ge=16, le=2048, description="longest side, px")
+    feed_poll_interval_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=1.0,
+        description="seconds between polls of the change feed (PostgreSQL also notifies)",
+    )
+    feed_max_lag_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="/ready answers 503 index_lagging when the index is this far behind",
+    )
+    evaluation_worker: bool = Field(
+        default=True,
+        description="run evaluation jobs in a thread of the serving process",
+    )
+    evaluation_lease_s: float = Field(
+        default=30.0,
+        ge=3.0,
+        description="seconds an evaluation run's claim lasts unless its worker renews it",
+    )
     log_level: LogLevel = "INFO"
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_ALLOWED_HOSTS),

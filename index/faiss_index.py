@@ -331,6 +331,12 @@ class VectorIndex:
         """
         return self._index
 
+    def contains(self, id_: int) -> bool:
+        """Whether ``id_`` is in the index (a follower skips records it already applied)."""
+        with self._lock.read():
+            pos = int(np.searchsorted(self._live, id_))
+            return pos < self._live.size and int(self._live[pos]) == id_
+
     def ids(self) -> IdArray:
         """The live ids, sorted, as a new (N,) int64 array."""
         with self._lock.read():

@@ -34,9 +34,13 @@ async def health() -> HealthPublic:
 )
 async def ready(request: Request) -> ReadyPublic:
     """200 when the encoder bundle is loaded, the database answers and the index holds
-    exactly the stored vectors of the current model; otherwise a 503 problem whose code
-    says which: ``service_not_ready``, ``database_unavailable`` or ``index_inconsistent``.
-    ``model`` names the serving model, where it comes from and what it was trained on.
+    the stored vectors of the current model, following the change feed; otherwise a 503
+    problem whose code says which: ``service_not_ready``, ``database_unavailable``,
+    ``index_inconsistent``, ``index_lagging`` (the index has not caught up with the
+    feed for ``CONVIRT_FEED_MAX_LAG_S``) or ``model_switched`` (another model became active
+    and this process is loading it). The body reports the feed lag in changes and seconds.
+    ``notes`` lists what does not stop serving; ``model`` names the serving model, where
+    it comes from and what it was trained on.
     """
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     if runtime is None:
@@ -52,6 +56,9 @@ async def ready(request: Request) -> ReadyPublic:
         index_vectors=state.vectors,
         notes=list(state.notes),
         model=ServingModelPublic(**serving_model(runtime.bundle)),
+        feed_sequence=runtime.index.sequence,
+        feed_lag_changes=state.lag_changes,
+        feed_lag_seconds=round(state.lag_seconds, 3),
     )
 
 

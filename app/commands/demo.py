@@ -330,7 +330,8 @@ def ingest_corpus(
 
     started = time.perf_counter()
     sources = discover(paths.manifest)
-    runtime = Runtime.start(settings, bundle=bundle)
+    # The demo's freshly trained bundle is the one to serve, whatever was active before.
+    runtime = Runtime.start(settings, bundle=bundle, switch_model=True)
     try:
         with runtime.sessions() as session:
             stored = set(

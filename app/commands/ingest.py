@@ -8,8 +8,18 @@ files without a suffix, which DICOM exports often are) or a single image file.
 Safe to re-run after an interruption: images are deduplicated by content hash, each batch
 commits its rows with their embeddings in one transaction, and the start-up reconcile
 rebuilds the index from the database if the last run died between a commit and an index
-save. Run it while the service is stopped (or restart the service afterwards): the running
-service does not see rows another process adds until its next start-up reconcile.
+save. Run it while the service serves: each batch's commit writes change feed records that
+every serving process follows, so the images become searchable there within a second or
+two, and ``/ready`` stays 200.
+
+Several processes can ingest one archive together into a shared (PostgreSQL) database:
+``--shard I/N`` takes every N-th file of the input from the I-th on (0-based), and under
+``torchrun`` the shard is ``RANK``/``WORLD_SIZE`` (each rank on the GPU ``LOCAL_RANK``)::
+
+    torchrun --nnodes 4 --nproc_per_node 8 ... -m app.cli ingest /archive/manifest.csv
+
+Every shard writes idempotently, by content hash: a rank that died is simply run again
+and fills its gap, and the same image in two shards is stored once.
 
 Exit status: 0 when every file was stored (or already was), 1 when some failed (listed in
 the log), 2 for unusable arguments or settings.
@@ -21,9 +31,10 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -83,6 +94,47 @@ def discover(path: Path) -> list[Source]:
     if path.is_file():
         return [Source(path)]
     raise FileNotFoundError(f"{path}: no such file or directory")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of the input: files ``index``, ``index + count``, …"""
+
+    index: int
+    count: int
+
+    def take(self, sources: Sequence[Source]) -> list[Source]:
+        return list(sources[self.index :: self.count])
+
+
+def parse_shard(text: str) -> Shard:
+    """``I/N`` with 0 <= I < N; raises ValueError otherwise."""
+    index_text, slash, count_text = text.partition("/")
+    if not slash:
+        raise ValueError(f"--shard {text!r}: expected I/N, e.g. 0/4")
+    index, count = int(index_text), int(count_text)
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--shard {text!r}: needs 0 <= I < N")
+    return Shard(index, count)
+
+
+def shard_from_environment(environ: Mapping[str, str]) -> Shard | None:
+    """The shard of a ``torchrun`` rank (``RANK``/``WORLD_SIZE``), or None outside one."""
+    if "WORLD_SIZE" not in environ or "RANK" not in environ:
+        return None
+    shard = parse_shard(f"{environ['RANK']}/{environ['WORLD_SIZE']}")
+    return shard if shard.count > 1 else None
+
+
+def _use_local_gpu(environ: Mapping[str, str]) -> None:
+    """Under torchrun, encode on this rank's GPU (the bundle loads on the current device)."""
+    local_rank = environ.get("LOCAL_RANK")
+    if local_rank is None:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(local_rank))
 
 
 def _batches(sources: Sequence[Source], size: int) -> Iterator[Sequence[Source]]:
@@ -163,6 +215,11 @@ def register(subparsers: Any) -> None:
         "--batch-size", type=int, default=16, help="images per commit and forward pass"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="ingest only every N-th file from the I-th (default: RANK/WORLD_SIZE under torchrun)",
+    )
     add_settings_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -173,13 +230,19 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         settings = settings_from_args(args)
+        shard = parse_shard(args.shard) if args.shard else shard_from_environment(os.environ)
         sources = discover(args.path)
     except ValidationError as exc:
         logger.error("invalid settings: %s", exc)
         return 2
-    except (ModelError, FileNotFoundError) as exc:
+    except (ModelError, FileNotFoundError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
+    if shard is not None:
+        total = len(sources)
+        sources = shard.take(sources)
+        logger.info("shard %d/%d: %d of %d files", shard.index, shard.count, len(sources), total)
+        _use_local_gpu(os.environ)
     logger.info("%d files to ingest from %s", len(sources), args.path)
     from app.services.runtime import Runtime
 
@@ -196,6 +259,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         runtime.close()
     elapsed = time.perf_counter() - start
-    summary = {**counts, "seconds": round(elapsed, 3), "vectors": runtime.index.ntotal}
+    summary: dict[str, Any] = {
+        **counts,
+        "seconds": round(elapsed, 3),
+        "vectors": runtime.index.ntotal,
+    }
+    if shard is not None:
+        summary["shard"] = f"{shard.index}/{shard.count}"
     sys.stdout.write(json.dumps(summary) + "\n")
     return 1 if counts["failed"] else 0

@@ -3,9 +3,17 @@
 Use it after replacing the encoder bundle (``CONVIRT_BUNDLE_DIR``). Each image is read
 back from its stored de-identified PNG (the uploads themselves are not kept), embedded,
 and its vector for the bundle's model stored (replacing an older one of the same model);
-vectors of other models stay in the database. Then the index is rebuilt from the stored
-vectors and saved atomically. Run it while the service is stopped, or restart the
-service afterwards.
+vectors of other models stay in the database. Then the bundle's model becomes the active
+one and the index is rebuilt from the stored vectors and saved atomically.
+
+It runs while the service serves. The switch to a new model is explicit and happens only
+once every image has its new vector: it is written to the change feed, and every serving
+process then answers ``/ready`` with 503 ``model_switched`` until it finds the new bundle
+in its own bundle directory, which it loads and serves (it keeps answering searches with
+the old model meanwhile). Install the new bundle where the servers look for it
+(``CONVIRT_BUNDLE_DIR``) before or after the reindex. A server started with a bundle whose
+model is not the active one refuses to start (``model_not_active``) rather than switch
+every other process back.
 """
 
 from __future__ import annotations
@@ -68,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             from app.services.runtime import Runtime
 
-            runtime = Runtime.start(settings, reembed_all=True, progress=bar.update)
+            runtime = Runtime.start(
+                settings, reembed_all=True, switch_model=True, progress=bar.update
+            )
         except (AppError, ModelError) as exc:
             logger.error("reindex failed: %s", exc)
             return 1

@@ -1,5 +1,9 @@
 """``convirt serve``: run the retrieval service (uvicorn).
 
+``--workers N`` runs N uvicorn worker processes on the one port; each loads the bundle,
+keeps its own copy of the index and follows the database's change feed, so any worker
+answers any request alike, and ``/metrics`` adds up all of them.
+
 Refuses to listen beyond loopback without API keys unless anonymous access is intended
 (``--allow-anonymous`` or ``CONVIRT_ALLOW_ANONYMOUS=true``).
 
@@ -11,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
+import tempfile
 from typing import Any
 
 from pydantic import ValidationError
@@ -80,8 +87,47 @@ def register(subparsers: Any) -> None:
         default=None,
         help="serve without API keys on a non-loopback address (anonymous access intended)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="uvicorn worker processes, each following the database (default: 1)",
+    )
     add_settings_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def _export_settings(settings: Settings) -> None:
+    """Hand the effective settings to worker processes, which build them from the env."""
+    for name in ("data_dir", "database_url", "bundle_dir", "index_dir", "index_factory"):
+        os.environ[f"CONVIRT_{name.upper()}"] = str(getattr(settings, name))
+    os.environ["CONVIRT_HOST"] = settings.host
+    os.environ["CONVIRT_PORT"] = str(settings.port)
+    os.environ["CONVIRT_ALLOW_ANONYMOUS"] = "true" if settings.allow_anonymous else "false"
+
+
+def _run_workers(settings: Settings, workers: int) -> None:
+    """N uvicorn workers; prometheus_client's multiprocess mode adds their metrics up."""
+    import uvicorn
+
+    from app.services.metrics import MULTIPROC_ENV
+
+    _export_settings(settings)
+    # A fresh directory per run: files left by a previous run would count again.
+    metrics_dir = tempfile.mkdtemp(prefix="convirt-metrics-")
+    os.environ[MULTIPROC_ENV] = metrics_dir
+    try:
+        uvicorn.run(
+            "app.main:create_worker_app",
+            factory=True,
+            workers=workers,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level.lower(),
+            log_config=None,
+        )
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,11 +139,19 @@ def run(args: argparse.Namespace) -> int:
     )
     if settings is None:
         return 2
+    if args.workers < 1:
+        logger.error("--workers must be at least 1")
+        return 2
+    logging.getLogger().setLevel(settings.log_level)
+    if args.workers > 1:
+        # uvicorn's own worker processes: connection bounds and slow-client deadlines come
+        # from the proxy in front (the compose stack's nginx), not from app.serving.
+        _run_workers(settings, args.workers)
+        return 0
 
     from app.main import create_app
     from app.serving import build_server
 
-    logging.getLogger().setLevel(settings.log_level)
     app = create_app(settings)
     # Bounded connections, and deadlines for slow clients (app.serving).
     build_server(app, settings).run()

@@ -11,17 +11,16 @@ A run scores the service's encoder bundle with :mod:`model.evaluation` over one 
   manifest (or CheXpert CSV) readable by the server, run by the same code as ``convirt
   evaluate`` (:mod:`model.evaluation.classification`), so both give the same numbers.
 
-One run at a time per process: :meth:`EvaluationJobs.submit` validates the request
-synchronously (so a missing image or an absent category is a 422 problem at once), stores
-an ``evaluation_runs`` row and starts a worker thread; a second submission while one runs
-raises :class:`EvaluationBusyError` (409). The worker records progress, then the results
-(``report.json``'s document) or the error, and writes the report files under
-``{data_dir}/evaluations/{id}/``. Image vectors are cached in the ``embedding_cache``
-table by (model id, content hash), so a repeated run over the same images is quick.
-
-The service runs as one process (``convirt serve``): runs left ``queued`` or ``running``
-in the database by a process that stopped are marked failed (``interrupted``) the first
-time this process touches the runs.
+One run at a time across every process: :meth:`EvaluationJobs.submit` validates the
+request synchronously (so a missing image or an absent category is a 422 problem at
+once) and stores a ``queued`` ``evaluation_runs`` row; a submission while another run is
+queued or running raises :class:`EvaluationBusyError` (409). A worker — a thread of the
+serving process by default, or ``convirt worker`` processes — claims it from the job
+queue (:mod:`app.services.jobs`: leases, retry once, never two running at once), records
+progress, then the results (``report.json``'s document) or the error, and writes the
+report files under ``{data_dir}/evaluations/{id}/``. Image vectors are cached in the
+``embedding_cache`` table by (model id, content hash), so a repeated run over the same
+images is quick.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.errors import ProblemError
 from app.models import CachedEmbedding, EvaluationRun, Image, utcnow
 from app.services.evaluation_inputs import confine, confine_images, confine_protocol_dir
+from app.services.jobs import LEASE_S, JobQueue
 from app.services.runtime import Runtime
 from model.errors import ModelError
 from model.evaluation.assemble import OFFICIAL, assemble_protocol
@@ -147,6 +147,58 @@ class EvaluationRequest:
             seed=self.seed,
         )
 
+    @classmethod
+    def from_run(cls, protocol: str, params: Mapping[str, Any]) -> EvaluationRequest:
+        """The request a stored run was made with (the inverse of :meth:`params`)."""
+        if protocol in CLASSIFICATION_PROTOCOLS:
+            return cls._classification_from_run(protocol, params)
+        queries = params.get("text_queries")
+        categories = params.get("categories")
+        defaults = cls(protocol=protocol)
+        return cls(
+            protocol=protocol,
+            root=params.get("root"),
+            protocol_dir=params.get("protocol_dir"),
+            manifest=params.get("manifest"),
+            categories=tuple(categories) if categories else None,
+            candidates_per_category=int(
+                params.get("candidates_per_category", defaults.candidates_per_category)
+            ),
+            queries_per_category=int(
+                params.get("queries_per_category", defaults.queries_per_category)
+            ),
+            text_queries=tuple((str(c), str(t)) for c, t in queries)
+            if isinstance(queries, list)
+            else (),
+            seed=int(params.get("seed", defaults.seed)),
+            ks=tuple(int(k) for k in params.get("ks", defaults.ks)),
+            backbone=bool(params.get("backbone", defaults.backbone)),
+            random_repeats=int(params.get("random_repeats", defaults.random_repeats)),
+        )
+
+    @classmethod
+    def _classification_from_run(
+        cls, protocol: str, params: Mapping[str, Any]
+    ) -> EvaluationRequest:
+        """A zero-shot or linear-probe request from what :meth:`params` recorded."""
+        defaults = cls(protocol=protocol)
+        findings = params.get("findings")
+        fractions = params.get("fractions")
+        return cls(
+            protocol=protocol,
+            manifest=params.get("manifest"),
+            root=params.get("root"),
+            categories=tuple(findings) if findings else None,
+            seed=int(params.get("seed", defaults.seed)),
+            prompt_set=params.get("prompt_set"),
+            knn_k=int(params.get("knn_k", defaults.knn_k)),
+            bootstrap=int(params.get("bootstrap", defaults.bootstrap)),
+            fractions=tuple(float(f) for f in fractions) if fractions else defaults.fractions,
+            draws=int(params.get("draws", defaults.draws)),
+            task=str(params.get("task", defaults.task)),
+            backbone=bool(params.get("baselines", defaults.backbone)),
+        )
+
     def params(self) -> dict[str, Any]:
         """The request as stored with the run (JSON)."""
         if self.protocol in CLASSIFICATION_PROTOCOLS:
@@ -202,93 +254,123 @@ class DatabaseEmbeddingCache:
 @dataclass
 class _Job:
     run_id: int
-    thread: threading.Thread
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
 class EvaluationJobs:
-    """The evaluation runner of one app (``app.state.evaluations``)."""
+    """Submission and execution of evaluation runs (``app.state.evaluations``).
 
-    def __init__(self) -> None:
+    Submitting needs no worker; :meth:`execute` is what a worker calls for a run it
+    claimed (:class:`app.services.job_worker.JobWorker`).
+    """
+
+    def __init__(self, *, lease_s: float = LEASE_S) -> None:
+        self.lease_s = lease_s
         self._lock = threading.Lock()
         self._job: _Job | None = None
-        self._recovered = False
+        self._sessions: sessionmaker[Session] | None = None
+        #: Set on submission: a worker thread of this process looks at the queue at once.
+        self.submitted = threading.Event()
 
-    # -- recovery ------------------------------------------------------------------------
+    # -- queries -------------------------------------------------------------------------
+
+    def running_id(self) -> int | None:
+        """Id of the run this process is executing, if any."""
+        with self._lock:
+            return self._job.run_id if self._job is not None else None
+
+    def queue(self, sessions: sessionmaker[Session]) -> JobQueue:
+        self._sessions = sessions
+        return JobQueue(sessions, lease_s=self.lease_s)
 
     def recover(self, sessions: sessionmaker[Session]) -> None:
-        """Mark runs another (stopped) process left unfinished as failed; once per process."""
-        with self._lock:
-            if self._recovered:
-                return
-            self._recovered = True
-            live = self._job.run_id if self._job is not None else None
-        with sessions() as session, session.begin():
-            stale = session.scalars(
-                select(EvaluationRun).where(EvaluationRun.status.in_(("queued", "running")))
-            ).all()
-            for run in stale:
-                if run.id == live:
-                    continue
-                run.status = "failed"
-                run.error = "interrupted: the service stopped before the run finished"
-                run.finished_at = utcnow()
-                logger.warning("evaluation %d was interrupted by a service stop", run.id)
+        """Settle runs whose worker stopped (lease passed): queued again once, or failed."""
+        self.queue(sessions).reap_now()
 
     # -- submission ----------------------------------------------------------------------
 
     def submit(self, runtime: Runtime, request: EvaluationRequest) -> EvaluationRun:
-        """Validate, store a queued run and start it; returns the stored row.
+        """Validate and store a queued run; returns the stored row.
 
-        Raises :class:`EvaluationBusyError` while another run is in progress and a
-        :class:`model.errors.ModelError` (``image_missing``, ``category_absent``,
-        ``not_enough_images``…) for a request that cannot be evaluated.
+        Raises :class:`EvaluationBusyError` while another run is queued or running (in
+        any process) and a :class:`model.errors.ModelError` (``image_missing``,
+        ``category_absent``, ``not_enough_images``…) for a request that cannot be evaluated.
         """
-        self.recover(runtime.sessions)
-        with self._lock:
-            if self._job is not None and self._job.thread.is_alive():
-                raise EvaluationBusyError(self._job.run_id)
-            work = self._prepare(runtime, request)
-            with runtime.sessions() as session, session.begin():
-                run = EvaluationRun(
-                    model_id=runtime.bundle.model_id,
-                    protocol=request.protocol,
-                    params=request.params(),
-                    status="queued",
-                    progress=0.0,
-                )
-                session.add(run)
-                session.flush()
-                session.expunge(run)
-            run_id = run.id
-            cancel = threading.Event()
-            thread = threading.Thread(
-                target=self._work,
-                args=(runtime, run_id, work, cancel),
-                name=f"evaluation-{run_id}",
-                daemon=True,
+        queue = self.queue(runtime.sessions)
+        queue.reap_now()
+        busy = queue.active_run()
+        if busy is not None:
+            raise EvaluationBusyError(busy)
+        # Checked now (a 4xx rather than a failed run later); the worker prepares it again.
+        self._prepare(runtime, request)
+        with runtime.sessions() as session, session.begin():
+            run = EvaluationRun(
+                model_id=runtime.bundle.model_id,
+                protocol=request.protocol,
+                params=request.params(),
+                status="queued",
+                progress=0.0,
             )
-            self._job = _Job(run_id=run_id, thread=thread, cancel=cancel)
-            thread.start()
-        logger.info("evaluation %d queued (%s)", run_id, request.protocol)
+            session.add(run)
+            session.flush()
+            session.expunge(run)
+        logger.info("evaluation %d queued (%s)", run.id, request.protocol)
+        self.submitted.set()
         return run
 
     def cancel(self, timeout: float | None = None) -> None:
-        """Ask the running evaluation to stop and wait up to ``timeout`` seconds for it."""
+        """Ask the run this process executes to stop; wait up to ``timeout`` seconds."""
         with self._lock:
             job = self._job
         if job is not None:
             job.cancel.set()
-            job.thread.join(timeout)
+        self.wait_local(timeout)
+
+    def wait_local(self, timeout: float | None = None) -> bool:
+        """Wait until this process executes no run; True when it does not."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.running_id() is not None:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the running evaluation; True when none is running afterwards."""
+        """Wait until no run is queued or running anywhere; True when none is afterwards."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            sessions = self._sessions
+            idle = self.running_id() is None and (
+                sessions is None or self.queue(sessions).active_run() is None
+            )
+            if idle:
+                return True
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+    # -- execution -----------------------------------------------------------------------
+
+    def execute(self, runtime: Runtime, run_id: int, cancel: threading.Event) -> None:
+        """Run a claimed run to its end: results, or the error, are stored with it."""
         with self._lock:
-            job = self._job
-        if job is None:
-            return True
-        job.thread.join(timeout)
-        return not job.thread.is_alive()
+            self._job = _Job(run_id, cancel)
+        try:
+            with runtime.sessions() as session:
+                run = session.get(EvaluationRun, run_id)
+                if run is None:
+                    return
+                request = EvaluationRequest.from_run(run.protocol, run.params or {})
+            try:
+                work = self._prepare(runtime, request)
+            except (ModelError, ProblemError) as exc:
+                # Valid when submitted, no longer (files moved, images deleted).
+                self._finish_failed(runtime.sessions, run_id, f"{exc.code}: {exc}")
+                return
+            self._work(runtime, run_id, work, cancel)
+        finally:
+            with self._lock:
+                self._job = None
 
     def _prepare(self, runtime: Runtime, request: EvaluationRequest) -> Work:
         """Check the request (a 4xx problem now rather than a failed run later); its work."""
@@ -435,7 +517,6 @@ class EvaluationJobs:
                 self._update(sessions, run_id, progress=min(max(fraction, 0.0), 0.99))
 
         try:
-            self._update(sessions, run_id, status="running", started_at=utcnow())
             report_dir = runtime.settings.data_dir / REPORTS_DIR / str(run_id)
             document = work(progress, cancel, report_dir)
             document["report_dir"] = f"{REPORTS_DIR}/{run_id}"
@@ -446,10 +527,11 @@ class EvaluationJobs:
                 progress=1.0,
                 results=document,
                 finished_at=utcnow(),
+                lease_expires_at=None,
             )
             logger.info("evaluation %d succeeded in %.1f s", run_id, document.get("seconds", 0.0))
         except EvaluationCancelled:
-            self._finish_failed(sessions, run_id, "cancelled: the service is stopping")
+            self._finish_failed(sessions, run_id, "cancelled: its worker is stopping")
         except ModelError as exc:
             logger.warning("evaluation %d failed (%s): %s", run_id, exc.code, exc)
             self._finish_failed(sessions, run_id, f"{exc.code}: {exc}")
@@ -459,9 +541,16 @@ class EvaluationJobs:
 
     def _finish_failed(self, sessions: sessionmaker[Session], run_id: int, error: str) -> None:
         try:
-            self._update(sessions, run_id, status="failed", error=error, finished_at=utcnow())
+            self._update(
+                sessions,
+                run_id,
+                status="failed",
+                error=error,
+                finished_at=utcnow(),
+                lease_expires_at=None,
+            )
         except Exception:
-            # The database itself failed: the next process marks the run interrupted.
+            # The database itself failed: the lease runs out and the run is reaped.
             logger.exception("could not record the failure of evaluation %d", run_id)
 
 

@@ -6,7 +6,9 @@ The order is what keeps the three stores agreeing after any crash:
    a committed row never points at a missing file; a crash here leaves at most an orphan
    file that the same upload overwrites later;
 2. the image rows and their embeddings commit in **one** transaction, so a row never
-   exists without its vector (the database is the source of truth);
+   exists without its vector (the database is the source of truth), together with their
+   change feed records, which every other process's index follows
+   (:mod:`app.services.feed`);
 3. the vectors go into the index; if that fails the rows stay and the index is marked for
    a rebuild from the database (:mod:`app.services.reconcile`), never the other way round.
 
@@ -43,6 +45,7 @@ from app.models import (
     Embedding,
     Image,
 )
+from app.services import feed
 from app.services.budget import PixelBudget
 from app.services.live_index import LiveIndex
 from app.services.metrics import Metrics
@@ -249,6 +252,9 @@ class IngestService:
                 Embedding.from_vector(row.id, model_id, vectors[i]) for i, row in enumerate(rows)
             )
             ids = [int(row.id) for row in rows]
+            # Last before the commit: the feed's lock is held from here to the commit.
+            session.flush()
+            feed.record_adds(session, model_id, ids)
         return [
             IngestResult("created", image_id, it.content_hash)
             for image_id, it in zip(ids, items, strict=True)

@@ -9,6 +9,15 @@ index dirty and
 after a crash the start-up reconcile rebuilds whatever the last save missed from the
 database, which is the source of truth.
 
+Other processes change the database too: :class:`~app.services.follower.FeedFollower`
+applies the change feed to this index in order and advances :attr:`LiveIndex.sequence`,
+the last feed ``seq`` the index is complete up to, which every save records beside the
+index (:mod:`app.services.snapshot`). The process's own changes are applied directly as
+well (so a client reads its own write at once); both paths are idempotent (an id already
+in the index is not added again, a missing one is not removed), so which comes first
+does not matter. The *apply* lock makes each follower round (read the feed, apply it)
+atomic with respect to those direct changes.
+
 When an ``add`` or ``remove`` fails the index no longer mirrors the database. It is then
 marked *stale*: ``/ready`` answers 503 and the service schedules a rebuild from the
 stored embeddings (:mod:`app.services.reconcile`).
@@ -18,13 +27,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
+from app.services.snapshot import save_snapshot
 from index import MAX_K, VectorIndex
 from index.rwlock import ReadWriteLock
 
@@ -34,9 +44,15 @@ logger = logging.getLogger(__name__)
 class LiveIndex:
     """A :class:`~index.VectorIndex` shared by the request threads of one service."""
 
-    def __init__(self, index: VectorIndex, directory: Path) -> None:
+    def __init__(self, index: VectorIndex, directory: Path, *, sequence: int = 0) -> None:
         self._index = index
         self.directory = directory
+        #: The change feed ``seq`` this index is complete up to.
+        self.sequence = sequence
+        # Re-entrant: a follower round holds it and calls add/remove, which take it too.
+        self._apply = threading.RLock()
+        #: Called after a change to the index (the follower: confirm it in the feed soon).
+        self.on_change: Callable[[], None] | None = None
         self._save_mutex = threading.Lock()
         # Spans a whole database change *and* its index change, so that a rebuild (which
         # reads the database, then swaps the index) never misses a change in between.
@@ -79,6 +95,15 @@ class LiveIndex:
             yield
 
     @contextmanager
+    def applying(self) -> Iterator[None]:
+        """Hold to read the feed and apply it with no direct change in between."""
+        with self._apply:
+            yield
+
+    def contains(self, id_: int) -> bool:
+        return self._index.contains(id_)
+
+    @contextmanager
     def exclusive(self) -> Iterator[None]:
         """Hold to see (and rebuild) the database and the index with no change in flight."""
         with self._changes.write():
@@ -99,10 +124,16 @@ class LiveIndex:
         return index.search(queries, k)  # (Q, k), (Q, k)
 
     def add(self, ids: npt.NDArray[np.int64], vectors: npt.NDArray[np.float32]) -> bool:
-        """Add (N,) ids with (N, D) vectors. Returns False (and marks stale) on failure."""
+        """Add (N,) ids with (N, D) vectors; ids already in the index are skipped (an id's
+        vector under one model never changes). Returns False (and marks stale) on failure."""
         try:
-            self._index.add(ids, vectors)
-            self._dirty = True
+            with self._apply:
+                index = self._index
+                new = np.asarray([not index.contains(int(i)) for i in ids], dtype=bool)  # (N,)
+                if new.any():
+                    index.add(ids[new], vectors[new])
+                    self._dirty = True
+                    self._changed()
         except Exception as exc:
             # The rows are committed already: the database stays right, the index is rebuilt.
             self.mark_stale(f"add of {len(ids)} vectors failed: {type(exc).__name__}: {exc}")
@@ -112,22 +143,29 @@ class LiveIndex:
     def remove(self, ids: npt.NDArray[np.int64]) -> bool:
         """Remove (N,) ids. Returns False (and marks stale) on failure."""
         try:
-            self._index.remove(ids)
-            self._dirty = True
+            with self._apply:
+                if self._index.remove(ids):
+                    self._dirty = True
+                    self._changed()
         except Exception as exc:
             self.mark_stale(f"removal of {len(ids)} vectors failed: {type(exc).__name__}: {exc}")
             return False
         return True
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def mark_unsaved(self, reason: str) -> None:
         """The index in memory has no saved copy (its save failed): keep retrying it."""
         self._dirty = True
         self.save_error = reason
 
-    def replace(self, index: VectorIndex, *, saved: bool) -> None:
-        """Swap in a rebuilt index; it is consistent with the database it was built from."""
-        with self._save_mutex:
+    def replace(self, index: VectorIndex, *, saved: bool, sequence: int) -> None:
+        """Swap in a rebuilt index, complete up to feed ``sequence``."""
+        with self._save_mutex, self._apply:
             self._index = index
+            self.sequence = sequence
             self._dirty = not saved
             self._stale_reason = None
             if saved:
@@ -140,9 +178,12 @@ class LiveIndex:
         it dirty again, so it is saved next time rather than lost.
         """
         with self._save_mutex:
-            self._dirty = False
+            # The position is read first: the save holds at least everything up to it.
+            with self._apply:
+                self._dirty = False
+                sequence = self.sequence
             try:
-                self._index.save(self.directory)
+                save_snapshot(self._index, self.directory, sequence)
             except BaseException as exc:
                 self._dirty = True
                 self.save_error = f"{type(exc).__name__}: {exc}"

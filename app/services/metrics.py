@@ -3,12 +3,20 @@
 Each app owns its :class:`~prometheus_client.CollectorRegistry`, so that several apps in one
 process (the tests build many) never collide on metric names and ``/metrics`` shows only the
 app it is served by.
+
+Several worker processes (``convirt serve --workers N``) use prometheus_client's
+multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` names a directory where every process
+writes its values, and ``/metrics``, whichever worker answers, adds up the counters and
+histograms of all of them. Gauges there are per process (a ``pid`` label, live processes
+only) and cannot be computed at scrape time in the process that owns them, so each
+process sets them itself after every follower round (:meth:`Metrics.refresh`).
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Final
 
@@ -19,6 +27,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,6 +37,8 @@ KNOWN_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE
 OTHER_METHOD: Final = "other"
 #: Route label of requests that matched no route.
 UNMATCHED_ROUTE: Final = "unmatched"
+#: The variable prometheus_client reads, at import, to switch to multiprocess mode.
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
 #: The stages a request goes through; a fixed set keeps the label's cardinality bounded.
 STAGES: Final[tuple[str, ...]] = ("decode", "encode", "search", "database", "store", "index")
@@ -57,6 +68,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess = multiprocess_dir() is not None
+        # Keyed by the gauge: a new runtime (after a model switch) rebinds, not adds.
+        self._sources: dict[int, tuple[Gauge, Callable[[], float]]] = {}
         self.requests = Counter(
             "convirt_http_requests",
             "HTTP requests by method, route template and status code.",
@@ -87,6 +101,25 @@ class Metrics:
             "convirt_index_vectors",
             "Vectors in the loaded index.",
             registry=self.registry,
+            multiprocess_mode="liveall",
+        )
+        self.feed_sequence = Gauge(
+            "convirt_feed_sequence",
+            "The change feed position the index is complete up to.",
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
+        self.feed_lag_changes = Gauge(
+            "convirt_feed_lag_changes",
+            "Committed changes the index had not applied at the follower's last round.",
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
+        self.feed_lag_seconds = Gauge(
+            "convirt_feed_lag_seconds",
+            "Seconds since the index last caught up with the change feed's head.",
+            registry=self.registry,
+            multiprocess_mode="liveall",
         )
         # Zero-valued series from the start, so a dashboard sees every stage before traffic.
         for stage in STAGES:
@@ -101,9 +134,39 @@ class Metrics:
         finally:
             self.stage_seconds.labels(name).observe(time.perf_counter() - start)
 
+    def bind(self, gauge: Gauge, source: Callable[[], float]) -> None:
+        """Make ``gauge`` show ``source()``: read at scrape time, or at each refresh in
+        multiprocess mode."""
+        if self.multiprocess:
+            self._sources[id(gauge)] = (gauge, source)
+            gauge.set(source())
+        else:
+            gauge.set_function(source)
+
+    def refresh(self) -> None:
+        """Write the bound gauges' current values (multiprocess mode; else a no-op)."""
+        for gauge, source in self._sources.values():
+            gauge.set(source())
+
     def render(self) -> bytes:
-        """The registry in the Prometheus text exposition format."""
-        return generate_latest(self.registry)
+        """The registry in the Prometheus text exposition format (all workers' together
+        in multiprocess mode)."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        self.refresh()
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    def close(self) -> None:
+        """This process is going: its live gauges leave the multiprocess totals."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())
+
+
+def multiprocess_dir() -> str | None:
+    """The prometheus_client multiprocess directory, when this process is one of several."""
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
 class MetricsMiddleware:

@@ -24,7 +24,10 @@ import numpy.typing as npt
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.errors import AppError
 from app.models import Embedding, EncoderModel, Image, bytes_to_vector
+from app.services import feed
+from app.services.snapshot import read_position, save_snapshot
 from app.services.store import ImageStore, StoreError
 from index import VectorIndex, VectorIndexError
 from model.bundle import EncoderBundle
@@ -49,13 +52,36 @@ class ReconcileReport:
     rebuilt: bool = False
     reason: str | None = None
     vectors: int = 0
+    #: The change feed position the index is complete up to.
+    sequence: int = 0
     #: Why the rebuilt index could not be saved (it is served from memory meanwhile).
     save_error: str | None = None
 
 
-def register_model(sessions: sessionmaker[Session], bundle: EncoderBundle) -> bool:
-    """Insert the bundle's model row if missing and make it the active one; True if new."""
+class ModelNotActiveError(AppError):
+    """Another model is active: serving this bundle needs an explicit switch."""
+
+    code = "model_not_active"
+
+
+def register_model(
+    sessions: sessionmaker[Session], bundle: EncoderBundle, *, switch: bool = True
+) -> bool:
+    """Insert the bundle's model row if missing; make it active when no other model is.
+
+    Returns whether the row is new. When another model is active: with ``switch`` the
+    bundle's model stays inactive for now (the caller embeds every image with it, then
+    calls :func:`activate_model`, so that no process switches to a half-embedded model);
+    without it :class:`ModelNotActiveError` is raised, because a process starting with an
+    old bundle must not switch every other process back.
+    """
     with sessions() as session, session.begin():
+        active = session.scalar(select(EncoderModel.id).where(EncoderModel.is_active))
+        if active is not None and active != bundle.model_id and not switch:
+            raise ModelNotActiveError(
+                f"the active model is {active}, not this bundle's {bundle.model_id}: "
+                "run `convirt reindex` with this bundle to switch to it"
+            )
         row = session.get(EncoderModel, bundle.model_id)
         created = row is None
         if row is None:
@@ -66,19 +92,38 @@ def register_model(sessions: sessionmaker[Session], bundle: EncoderBundle) -> bo
                     name=name[:200],
                     dim=bundle.dim,
                     config=dict(bundle.config),
-                    is_active=True,
+                    is_active=False,
                 )
             )
-        else:
-            row.is_active = True
-        session.execute(
-            update(EncoderModel)
-            .where(EncoderModel.id != bundle.model_id, EncoderModel.is_active.is_(True))
-            .values(is_active=False)
-        )
     if created:
         logger.info("registered model %s (dim %d)", bundle.model_id, bundle.dim)
+    if active is None or active == bundle.model_id:
+        activate_model(sessions, bundle.model_id)
     return created
+
+
+def activate_model(sessions: sessionmaker[Session], model_id: str) -> bool:
+    """Make ``model_id`` the active model; True when that is a switch.
+
+    A switch is recorded in the change feed: every process serving another model learns
+    of it there.
+    """
+    with sessions() as session, session.begin():
+        row = session.get(EncoderModel, model_id)
+        if row is None:
+            raise ModelNotActiveError(f"model {model_id} is not registered")
+        if row.is_active:
+            return False
+        row.is_active = True
+        session.execute(
+            update(EncoderModel)
+            .where(EncoderModel.id != model_id, EncoderModel.is_active.is_(True))
+            .values(is_active=False)
+        )
+        session.flush()
+        feed.record_switch(session, model_id)
+    logger.info("model %s is now the active model", model_id)
+    return True
 
 
 def count_embeddings(sessions: sessionmaker[Session], model_id: str) -> int:
@@ -126,10 +171,21 @@ def iter_embeddings(
         last = int(ids[-1])
 
 
+def feed_head(sessions: sessionmaker[Session]) -> int:
+    with sessions() as session:
+        return feed.head(session)
+
+
 def rebuild_index(
     sessions: sessionmaker[Session], *, model_id: str, dim: int, factory: str
-) -> VectorIndex:
-    """A new index holding exactly the stored embeddings of ``model_id``."""
+) -> tuple[VectorIndex, int]:
+    """A new index of the stored embeddings of ``model_id``, and its feed position.
+
+    The feed's head is read *before* the embeddings: every change committed up to it is
+    in what the rebuild reads, and replaying the feed past it (which may repeat changes
+    the rebuild already saw) brings the index up to date while writers go on.
+    """
+    sequence = feed_head(sessions)
     index = VectorIndex.rebuild(
         iter_embeddings(sessions, model_id),
         factory=factory,
@@ -139,7 +195,7 @@ def rebuild_index(
         total=count_embeddings(sessions, model_id),
     )
     logger.info("rebuilt index (%s) with %d vectors of %s", factory, index.ntotal, model_id)
-    return index
+    return index, sequence
 
 
 def _embed_rows(
@@ -202,10 +258,14 @@ def embed_images(
         ids, vectors = _embed_rows(rows, bundle, store, report)
         with sessions() as session, session.begin():
             still_there = set(session.scalars(select(Image.id).where(Image.id.in_(ids))).all())
+            stored: list[int] = []
             for image_id, vector in zip(ids, vectors, strict=True):
                 # An image deleted while it was being embedded keeps no orphan vector.
                 if image_id in still_there:
                     session.merge(Embedding.from_vector(image_id, model_id, vector))
+                    stored.append(image_id)
+            session.flush()
+            feed.record_adds(session, model_id, stored)
         done += len(ids)
         if progress is not None:
             progress(len(rows))
@@ -232,13 +292,16 @@ def open_index(
     model_id: str,
     dim: int,
     factory: str,
-) -> tuple[VectorIndex, str | None, str | None]:
-    """Load the saved index if it mirrors the database, else rebuild and save it.
+) -> tuple[VectorIndex, str | None, int, str | None]:
+    """Load the saved index if it can be trusted, else rebuild and save it.
 
-    Returns the index, the reason it was rebuilt (None when the saved one was good) and
-    why saving the rebuilt index failed (None when saved). A rebuilt index that cannot be
-    saved (``OSError``: a full disk) is returned all the same: the caller serves it and
-    retries the save.
+    A snapshot with a known feed position is trusted as it is: the caller replays the
+    feed past the position. Without one (a save that predates the feed, or died halfway)
+    its ids are compared with the database's. Returns the index, the reason it was
+    rebuilt (None when the saved one was good), its feed position, and why saving the
+    rebuilt index failed (None when saved). A rebuilt index that cannot be saved
+    (``OSError``: a full disk) is returned all the same: the caller serves it and retries
+    the save.
     """
     reason: str | None
     try:
@@ -246,23 +309,29 @@ def open_index(
     except VectorIndexError as exc:
         reason = f"saved index rejected ({exc.code})"
     else:
+        sequence = read_position(index_dir, index)
+        if sequence is not None and index.factory == factory:
+            logger.info("index snapshot at %s holds the feed up to %d", index_dir, sequence)
+            return index, None, sequence, None
+        # Read before the comparison, like a rebuild: what commits later is replayed.
+        sequence = feed_head(sessions)
         reason = _inconsistency(index, sessions, model_id=model_id, factory=factory)
         if reason is None:
             logger.info(
                 "index at %s agrees with the database (%d vectors)", index_dir, index.ntotal
             )
-            return index, None, None
+            return index, None, sequence, None
     logger.warning("rebuilding the index from the database: %s", reason)
-    index = rebuild_index(sessions, model_id=model_id, dim=dim, factory=factory)
+    index, sequence = rebuild_index(sessions, model_id=model_id, dim=dim, factory=factory)
     try:
-        index.save(index_dir)
+        save_snapshot(index, index_dir, sequence)
     except OSError as exc:
         # A full or read-only disk must not keep the service down: the rebuilt index
         # serves from memory, and the service keeps retrying the save (the caller sees
         # the reason and keeps the index marked unsaved).
         logger.warning("the rebuilt index could not be saved (%s); serving it from memory", exc)
-        return index, reason, f"{type(exc).__name__}: {exc.strerror or exc}"
-    return index, reason, None
+        return index, reason, sequence, f"{type(exc).__name__}: {exc.strerror or exc}"
+    return index, reason, sequence, None
 
 
 def reconcile(
@@ -273,14 +342,17 @@ def reconcile(
     index_dir: Path,
     factory: str,
     reembed_all: bool = False,
+    switch_model: bool = False,
     progress: ProgressCallback | None = None,
 ) -> tuple[VectorIndex, ReconcileReport]:
     """Register the model, embed what lacks a vector, and return an index that agrees.
 
     ``reembed_all`` re-embeds every stored image (``convirt reindex``) and always rebuilds.
+    ``switch_model`` makes the bundle's model the active one even when another is (see
+    :func:`register_model`).
     """
     report = ReconcileReport(model_id=bundle.model_id)
-    register_model(sessions, bundle)
+    register_model(sessions, bundle, switch=switch_model)
     report.embedded = embed_images(
         sessions,
         bundle,
@@ -296,12 +368,16 @@ def reconcile(
             "%d stored images have no readable PNG and stay out of the index",
             len(report.unembeddable),
         )
+    if switch_model:
+        activate_model(sessions, bundle.model_id)
     if reembed_all:
-        index = rebuild_index(sessions, model_id=bundle.model_id, dim=bundle.dim, factory=factory)
-        index.save(index_dir)
+        index, report.sequence = rebuild_index(
+            sessions, model_id=bundle.model_id, dim=bundle.dim, factory=factory
+        )
+        save_snapshot(index, index_dir, report.sequence)
         report.rebuilt, report.reason = True, "re-embedded every image"
     else:
-        index, report.reason, report.save_error = open_index(
+        index, report.reason, report.sequence, report.save_error = open_index(
             sessions,
             index_dir=index_dir,
             model_id=bundle.model_id,

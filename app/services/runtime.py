@@ -1,5 +1,10 @@
 """The running service's parts, built once from the settings: database, bundle, store, index.
 
+Each runtime's index follows the database's change feed (:mod:`app.services.follower`):
+start-up loads the index snapshot and replays the feed past it; the app then runs the
+follower in the background, so changes made by any process (other workers, replicas,
+``convirt ingest``) become searchable here too.
+
 :meth:`Runtime.start` is what the app's lifespan (and ``convirt ingest``/``reindex``) run:
 migrate the database, load the encoder bundle, reconcile the index with the database. It
 is synchronous and slow (seconds: the bundle's towers load), so the app runs it in a
@@ -21,23 +26,27 @@ from typing import Final, ParamSpec, TypeVar
 
 import numpy as np
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import create_engine_for, ping, session_factory, upgrade_database
 from app.models import Image
+from app.services import feed
 from app.services.budget import BusyError, PixelBudget
 from app.services.classify import ClassifyService
+from app.services.follower import FeedFollower
 from app.services.ingest import IngestService
 from app.services.live_index import LiveIndex
 from app.services.metrics import Metrics
 from app.services.reconcile import (
     ProgressCallback,
     ReconcileReport,
-    count_embeddings,
     open_index,
     reconcile,
 )
+from app.services.reconcile import rebuild_index as rebuild_from_database
 from app.services.retrieval import RetrievalService
+from app.services.snapshot import save_snapshot
 from app.services.store import ImageStore
 from app.services.sweep import SweepReport, sweep_orphans
 from app.settings import Settings
@@ -54,6 +63,8 @@ IMAGE_WORK_NICE: Final = 5
 #: Readiness outcomes that are not "ready", with their problem codes.
 NOT_READY_DATABASE: Final = "database_unavailable"
 NOT_READY_INDEX: Final = "index_inconsistent"
+NOT_READY_LAGGING: Final = "index_lagging"
+NOT_READY_SWITCHED: Final = "model_switched"
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,8 @@ class Readiness:
     detail: str | None = None
     images: int = 0
     vectors: int = 0
+    lag_changes: int = 0
+    lag_seconds: float = 0.0
     notes: tuple[str, ...] = ()
 
 
@@ -122,7 +135,18 @@ class Runtime:
         self.classifier = ClassifyService(
             bundle=bundle, retrieval=self.retrieval, metrics=metrics, knn_k=settings.classify_knn_k
         )
-        metrics.index_vectors.set_function(lambda: index.ntotal)
+        self.follower = FeedFollower(
+            engine=engine,
+            sessions=sessions,
+            index=index,
+            model_id=bundle.model_id,
+            poll_interval_s=settings.feed_poll_interval_s,
+        )
+        metrics.bind(metrics.index_vectors, lambda: index.ntotal)
+        metrics.bind(metrics.feed_sequence, lambda: index.sequence)
+        metrics.bind(metrics.feed_lag_changes, lambda: self.follower.lag().changes)
+        metrics.bind(metrics.feed_lag_seconds, lambda: self.follower.lag().seconds)
+        self.follower.on_applied = lambda _lag: metrics.refresh()
         # Model inference runs on these few threads only: the pool size bounds how many
         # inferences run at once, and torch's and FAISS's OpenMP thread teams, which are
         # made per calling thread, stay as few as the pool's threads instead of one team
@@ -147,11 +171,14 @@ class Runtime:
         metrics: Metrics | None = None,
         bundle: EncoderBundle | None = None,
         reembed_all: bool = False,
+        switch_model: bool = False,
         progress: ProgressCallback | None = None,
     ) -> Runtime:
-        """Migrate, load the bundle (unless given), reconcile; the index agrees when it returns.
+        """Migrate, load the bundle (unless given), reconcile, replay the feed's tail; the
+        index agrees with the database when it returns.
 
-        ``reembed_all`` re-embeds every stored image first (``convirt reindex``).
+        ``reembed_all`` re-embeds every stored image first (``convirt reindex``);
+        ``switch_model`` makes the bundle's model the active one for every process.
         """
         engine = create_engine_for(settings)
         try:
@@ -175,44 +202,100 @@ class Runtime:
                 index_dir=settings.index_dir,
                 factory=settings.index_factory,
                 reembed_all=reembed_all,
+                switch_model=switch_model,
                 progress=progress,
             )
+            live = LiveIndex(vindex, settings.index_dir, sequence=report.sequence)
+            if report.save_error is not None:
+                live.mark_unsaved(report.save_error)
+            runtime = cls(
+                settings=settings,
+                engine=engine,
+                sessions=sessions,
+                bundle=bundle,
+                store=store,
+                index=live,
+                metrics=metrics or Metrics(),
+                report=report,
+            )
+            runtime.catch_up_at_start()
         except BaseException:
             engine.dispose()
             raise
-        live = LiveIndex(vindex, settings.index_dir)
-        if report.save_error is not None:
-            live.mark_unsaved(report.save_error)
-        return cls(
-            settings=settings,
-            engine=engine,
-            sessions=sessions,
-            bundle=bundle,
-            store=store,
-            index=live,
-            metrics=metrics or Metrics(),
-            report=report,
-        )
+        return runtime
+
+    def catch_up_at_start(self) -> None:
+        """Replay the feed past the snapshot; rebuild if the result disagrees with the database.
+
+        The count check is the cheap guard against a database changed behind the feed's
+        back (rows deleted by hand, a restored backup): a snapshot is trusted for what the
+        feed says, not for what it cannot know.
+        """
+        replayed = self.follower.catch_up()
+        self.follower.count_pending()
+        if replayed:
+            logger.info("replayed %d feed records after the snapshot", replayed)
+        problem = self.disagreement()
+        if problem is not None:
+            logger.warning("index disagrees with the database after the replay: %s", problem)
+            self.rebuild_index(trust_snapshot=False)
+            self.report.rebuilt, self.report.reason = True, problem
+        self.report.vectors = self.index.ntotal
+        self.report.sequence = self.index.sequence
+
+    def disagreement(self) -> str | None:
+        """Why the caught-up index does not hold the database's embeddings, or None.
+
+        Only decidable when the index has applied the feed up to its head: while changes
+        are pending the check is skipped (None) and a later call decides.
+        """
+        with self.index.applying():
+            with self.sessions() as session:
+                head, stored = feed.head_and_count(session, self.bundle.model_id)
+            if head != self.index.sequence:
+                return None
+            vectors = self.index.ntotal
+        if vectors != stored:
+            return f"the index holds {vectors} vectors, the database {stored}"
+        return None
 
     # -- maintenance -------------------------------------------------------------------
 
-    def rebuild_index(self) -> None:
-        """Rebuild the index from the database with no change in flight, and save it."""
+    def rebuild_index(self, *, trust_snapshot: bool = True) -> None:
+        """Reload the saved snapshot (or rebuild from the database), then follow the feed.
+
+        ``trust_snapshot`` false always rebuilds from the stored embeddings.
+        """
         with self.index.exclusive():
-            vindex, reason, save_error = open_index(
-                self.sessions,
-                index_dir=self.settings.index_dir,
-                model_id=self.bundle.model_id,
-                dim=self.bundle.dim,
-                factory=self.settings.index_factory,
-            )
-            # Either the saved copy agrees with the database (reason None) or open_index
-            # rebuilt and saved a new one: both are on disk as they are live.
-            self.index.replace(vindex, saved=save_error is None)
+            save_error: str | None = None
+            if trust_snapshot:
+                vindex, reason, sequence, save_error = open_index(
+                    self.sessions,
+                    index_dir=self.settings.index_dir,
+                    model_id=self.bundle.model_id,
+                    dim=self.bundle.dim,
+                    factory=self.settings.index_factory,
+                )
+            else:
+                vindex, sequence = rebuild_from_database(
+                    self.sessions,
+                    model_id=self.bundle.model_id,
+                    dim=self.bundle.dim,
+                    factory=self.settings.index_factory,
+                )
+                reason = "rebuilt from the database"
+                try:
+                    save_snapshot(vindex, self.settings.index_dir, sequence)
+                except OSError as exc:
+                    save_error = f"{type(exc).__name__}: {exc.strerror or exc}"
+            # Either the saved copy was good (reason None) or a new one was saved: both are
+            # on disk as they are live, up to ``sequence``; an unsaved one is retried.
+            self.index.replace(vindex, saved=save_error is None, sequence=sequence)
             if save_error is not None:
                 self.index.mark_unsaved(save_error)
             if reason is not None:
                 logger.info("index rebuilt: %s", reason)
+        self.follower.catch_up()
 
     def maintain(self) -> None:
         """Periodic duty: rebuild a stale index, else save unsaved changes; sweep orphans
@@ -241,30 +324,49 @@ class Runtime:
             return sweep_orphans(self.sessions, self.store, grace_s=self.settings.orphan_grace_s)
 
     def readiness(self) -> Readiness:
-        """Database reachable and index holding exactly the model's stored embeddings."""
+        """Database reachable, the active model served, the index following the feed and,
+        when no change is in flight, holding exactly the model's stored embeddings."""
         if not ping(self.engine):
             return Readiness(False, NOT_READY_DATABASE, "the database does not answer")
         if self.index.stale_reason is not None:
             return Readiness(False, NOT_READY_INDEX, "the index is being rebuilt")
-        # No change may be half done (committed, not yet indexed) while counting.
-        with self.index.exclusive():
-            vectors = self.index.ntotal
-            stored = count_embeddings(self.sessions, self.bundle.model_id)
-            with self.sessions() as session:
-                images = int(session.scalar(select(func.count()).select_from(Image)) or 0)
-        if vectors != stored:
+        if self.follower.switched_to is not None:
             return Readiness(
                 False,
-                NOT_READY_INDEX,
-                f"the index holds {vectors} vectors, the database {stored}",
+                NOT_READY_SWITCHED,
+                f"model {self.follower.switched_to} is now active; loading its bundle",
+            )
+        # Not caught up here: /ready must show a follower that stopped keeping up.
+        self.follower.count_pending()
+        problem = self.disagreement()
+        with self.sessions() as session:
+            images = int(session.scalar(select(func.count()).select_from(Image)) or 0)
+        vectors = self.index.ntotal
+        lag = self.follower.lag()
+        if problem is not None:
+            return Readiness(False, NOT_READY_INDEX, problem, images, vectors)
+        if lag.seconds > self.settings.feed_max_lag_s:
+            return Readiness(
+                False,
+                NOT_READY_LAGGING,
+                f"the index has not seen the change feed for {lag.seconds:.0f} s",
                 images,
                 vectors,
+                lag.changes,
+                lag.seconds,
             )
         notes: tuple[str, ...] = ()
         if self.index.save_error is not None:
             failure = self.index.save_error
             notes = (f"the index is served from memory; saving it failed ({failure})",)
-        return Readiness(True, images=images, vectors=vectors, notes=notes)
+        return Readiness(
+            True,
+            images=images,
+            vectors=vectors,
+            lag_changes=lag.changes,
+            lag_seconds=lag.seconds,
+            notes=notes,
+        )
 
     def delete_image(self, image_id: int) -> bool:
         """Delete an image: database (committed) first, then the index, then the files.
@@ -285,6 +387,8 @@ class Runtime:
                     return False
                 paths = (row.image_path, row.thumbnail_path, row.original_path)
                 session.delete(row)
+                session.flush()
+                feed.record_removes(session, [image_id])
             with self.metrics.stage("index"):
                 self.index.remove(np.asarray([image_id], dtype=np.int64))
             with self.metrics.stage("store"), self.sessions() as session:
@@ -318,9 +422,15 @@ class Runtime:
 
     def close(self) -> None:
         """Finish running inferences, save unsaved index changes, release the database."""
+        self.follower.stop()
         try:
             self.inference.shutdown(wait=True)
             self.image_inference.shutdown(wait=True)
+            try:
+                # The saved position then covers this process's own last changes too.
+                self.follower.catch_up()
+            except SQLAlchemyError as exc:
+                logger.warning("feed not read before the final save: %s", type(exc).__name__)
             if self.index.stale_reason is None:
                 try:
                     self.index.save_if_dirty()

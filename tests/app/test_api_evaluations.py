@@ -8,6 +8,7 @@ results that match the model package's scoring, the embedding cache, and the pro
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Iterator
@@ -222,7 +223,7 @@ def test_problems(
         assert client.get("/evaluations").json() == {"total": 0, "items": []}
 
 
-def test_interrupted_runs_are_marked_failed(
+def test_runs_whose_worker_died_are_failed_after_their_last_attempt(
     tmp_path: Path, sqlite_url: str, bundle_dir: Path, bundle: EncoderBundle
 ) -> None:
     settings = make_settings(tmp_path / "data", sqlite_url, bundle_dir)
@@ -237,10 +238,12 @@ def test_interrupted_runs_are_marked_failed(
                     status="running",
                     progress=0.4,
                     started_at=utcnow(),
+                    worker="gone:1:1",
+                    lease_expires_at=utcnow() - dt.timedelta(seconds=1),
+                    attempts=2,
                 )
             )
-    # A new process (app) finds the run its predecessor left running.
-    with running_app(settings, bundle) as client:
+        # The lease passed and both attempts are spent: failed, never left running.
         (item,) = client.get("/evaluations").json()["items"]
         assert item["status"] == "failed"
         assert item["error"].startswith("interrupted")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,16 +54,25 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 def test_ready_reports_model_and_counts(client: TestClient) -> None:
     upload(client, [noise_png(1), noise_png(2), noise_png(3)])
+    # The upload is searchable at once; the follower confirms its feed records just after.
+    deadline = time.monotonic() + 2.0
+    while client.get("/ready").json()["feed_lag_changes"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     response = client.get("/ready")
     assert response.status_code == 200
     body = response.json()
+    lag_seconds = body.pop("feed_lag_seconds")
     assert body == {
         "status": "ready",
         "model_id": runtime_of(client).bundle.model_id,
         "images": 3,
         "index_vectors": 3,
         "notes": [],
+        # The feed: the model's activation, then one record per stored image.
+        "feed_sequence": 4,
+        "feed_lag_changes": 0,
     }
+    assert 0 <= lag_seconds < 5
     with runtime_of(client).sessions() as session:
         model = session.get(EncoderModel, body["model_id"])
         assert model is not None
