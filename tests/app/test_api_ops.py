@@ -56,12 +56,16 @@ def test_ready_reports_model_and_counts(client: TestClient) -> None:
     response = client.get("/ready")
     assert response.status_code == 200
     body = response.json()
+    served = body.pop("model")
     assert body == {
         "status": "ready",
         "model_id": runtime_of(client).bundle.model_id,
         "images": 3,
         "index_vectors": 3,
     }
+    # The serving model is named with its provenance (tests/app/test_imported_bundle.py).
+    assert served["model_id"] == body["model_id"]
+    assert served["dim"] == 512
     with runtime_of(client).sessions() as session:
         model = session.get(EncoderModel, body["model_id"])
         assert model is not None
