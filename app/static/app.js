@@ -208,7 +208,7 @@
       ? `imported${model.source ? ` from ${model.source}` : ""}`
       : `trained here${model.source ? ` (${model.source})` : ""}`;
     el.modelInfo.textContent =
-      `Model: ${model.name} · ${origin} · trained on ${model.training_data} · ${model.dim}-d`;
+      `Model: ${model.name} · ${origin} · training data: ${model.training_data} · ${model.dim}-d`;
     el.modelInfo.hidden = false;
     el.modelWarning.textContent = model.warning || "";
     el.modelWarning.hidden = !model.warning;

@@ -62,6 +62,7 @@ def test_ready_reports_model_and_counts(client: TestClient) -> None:
     assert response.status_code == 200
     body = response.json()
     lag_seconds = body.pop("feed_lag_seconds")
+    served = body.pop("model")
     assert body == {
         "status": "ready",
         "model_id": runtime_of(client).bundle.model_id,
@@ -73,6 +74,9 @@ def test_ready_reports_model_and_counts(client: TestClient) -> None:
         "feed_lag_changes": 0,
     }
     assert 0 <= lag_seconds < 5
+    # The serving model is named with its provenance (tests/app/test_imported_bundle.py).
+    assert served["model_id"] == body["model_id"]
+    assert served["dim"] == 512
     with runtime_of(client).sessions() as session:
         model = session.get(EncoderModel, body["model_id"])
         assert model is not None

@@ -18,11 +18,16 @@ from app.cli import main as cli_main
 from app.commands.serve import serving_settings
 
 
+#: Commands whose module cannot carry their name (``import`` is a Python keyword).
+COMMAND_OF_MODULE = {"import_model": "import"}
+
+
 def test_every_command_is_registered_and_documented() -> None:
     parser = build_parser()
     help_text = parser.format_help()
     for module in COMMAND_MODULES:
-        assert module.replace("_", "-") in help_text
+        command = COMMAND_OF_MODULE.get(module, module.replace("_", "-"))
+        assert f"    {command} " in help_text
 
 
 def test_building_the_parser_does_not_import_torch_or_faiss() -> None:
@@ -78,7 +83,7 @@ def test_demo_refuses_an_open_address_before_any_work(
 
 
 @pytest.mark.usefixtures("plain_environment")
-def test_the_container_refuses_an_open_address_before_any_work(
+def test_the_container_refuses_invalid_settings_before_any_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = importlib.util.spec_from_file_location(
@@ -91,7 +96,10 @@ def test_the_container_refuses_an_open_address_before_any_work(
     # main() installs handlers for PID 1; the test process keeps its own.
     monkeypatch.setattr(signal, "signal", lambda *_: None)
     data_dir = tmp_path / "data"
+    # An open address alone is no reason to refuse: without keys the container makes one
+    # (tests/app/test_entrypoint_key.py). Settings that do not validate are.
     monkeypatch.setenv("CONVIRT_HOST", "0.0.0.0")
+    monkeypatch.setenv("CONVIRT_PORT", "not-a-port")
     monkeypatch.setenv("CONVIRT_DATA_DIR", str(data_dir))
     assert entrypoint.main([]) == 2
     assert not data_dir.exists()

@@ -269,7 +269,12 @@ def test_report_files(layout: tuple[Path, Path], tmp_path: Path) -> None:
     files = write_report(result, tmp_path / "out", extra={"command": "test"})
     document = json.loads(files.json.read_text())
     assert document["protocol"]["counts"]["image_candidates"] == 8 * CANDIDATES_PER_CATEGORY
-    assert document["model"] == {"model_id": PixelEncoder.model_id, "name": "pixels"}
+    # An encoder that does not state its provenance (not a bundle) reports none.
+    assert document["model"] == {
+        "model_id": PixelEncoder.model_id,
+        "name": "pixels",
+        "provenance": None,
+    }
     assert document["command"] == "test"
     assert document["backbone_baseline"] == PixelBackbone.description
     image_model = document["results"][IMAGE_TO_IMAGE][MODEL]
