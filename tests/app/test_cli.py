@@ -17,7 +17,6 @@ from app.cli import COMMAND_MODULES, build_parser
 from app.cli import main as cli_main
 from app.commands.serve import serving_settings
 
-
 #: Commands whose module cannot carry their name (``import`` is a Python keyword).
 COMMAND_OF_MODULE = {"import_model": "import"}
 
