@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "db",
     "serve",
     "ingest",
+    "dicom_node",
     "reindex",
     "evaluate",
     "demo",

@@ -41,6 +41,20 @@ MIN_API_KEY_CHARS = 16
 _MIB = 1024 * 1024
 
 
+def check_ae_title(value: str) -> str:
+    """A DICOM AE title: 1-16 printable ASCII characters, no backslash (PS3.5 6.2).
+
+    Raises:
+        ValueError: the title is empty, too long or holds a forbidden character.
+    """
+    title = value.strip()
+    if not 1 <= len(title) <= 16:
+        raise ValueError("an AE title has 1 to 16 characters")
+    if any(not (" " <= ch <= "~") or ch == "\\" for ch in title):
+        raise ValueError("an AE title holds printable ASCII only, and no backslash")
+    return title
+
+
 class InsecureExposureError(AppError):
     """The service would listen beyond loopback with no API keys and no explicit consent."""
 
@@ -106,6 +120,34 @@ class Settings(BaseSettings):
     )
     thumbnail_size: int = Field(default=256, ge=16, le=2048, description="longest side, px")
     log_level: LogLevel = "INFO"
+
+    # -- PACS connectors (``convirt dicom-node``, ``convirt follow-dicomweb``) ---------------
+    dicom_ae_title: str = Field(
+        default="CONVIRT", description="the DICOM node's own AE title (1-16 characters)"
+    )
+    dicom_host: str = Field(
+        default="127.0.0.1", min_length=1, description="address the DICOM node listens on"
+    )
+    dicom_port: int = Field(default=11112, ge=1, le=65535, description="DICOM node port")
+    dicom_calling_aes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="calling AE titles the DICOM node accepts (env: comma-separated)",
+    )
+    dicom_accept_any_caller: bool = Field(
+        default=False, description="accept associations from any calling AE title"
+    )
+    dicomweb_username: str = Field(default="", description="DICOMweb basic auth user")
+    dicomweb_password: str = Field(default="", repr=False, description="DICOMweb basic auth")
+    dicomweb_token: str = Field(
+        default="", repr=False, description="DICOMweb bearer token (instead of basic auth)"
+    )
+    dicomweb_poll_seconds: float = Field(
+        default=10.0, gt=0, le=3600, description="pause between polls of the DICOMweb server"
+    )
+    viewer_url_template: str = Field(
+        default="",
+        description="link to a study in the PACS viewer, with {study_instance_uid}; empty: none",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -186,6 +228,56 @@ class Settings(BaseSettings):
             if any(ch.isspace() for ch in key) or "," in key:
                 raise ValueError(f"API key #{position} contains whitespace or a comma")
         return value
+
+    @field_validator("dicom_ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        return check_ae_title(value)
+
+    @field_validator("dicom_calling_aes", mode="before")
+    @classmethod
+    def _split_calling_aes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("dicom_calling_aes")
+    @classmethod
+    def _check_calling_aes(cls, value: list[str]) -> list[str]:
+        return [check_ae_title(title) for title in value]
+
+    @field_validator("viewer_url_template")
+    @classmethod
+    def _check_viewer_template(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("the viewer URL template must start with http:// or https://")
+        try:
+            value.format(study_instance_uid="1.2.3")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                "the viewer URL template may only use the field {study_instance_uid}"
+            ) from exc
+        if "{study_instance_uid}" not in value:
+            raise ValueError("the viewer URL template lacks {study_instance_uid}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_dicomweb_auth(self) -> Settings:
+        if self.dicomweb_token and (self.dicomweb_username or self.dicomweb_password):
+            raise ValueError("set either a DICOMweb bearer token or basic auth, not both")
+        if bool(self.dicomweb_username) != bool(self.dicomweb_password):
+            raise ValueError("DICOMweb basic auth needs both a user name and a password")
+        return self
+
+    def viewer_url(self, study_instance_uid: str | None) -> str | None:
+        """The viewer link of a study, or None without a template or a UID."""
+        if not self.viewer_url_template or not study_instance_uid:
+            return None
+        # UIDs are digits and dots (PS3.5 9.1): nothing in them needs URL escaping.
+        return self.viewer_url_template.format(study_instance_uid=study_instance_uid)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -27,7 +27,17 @@ from app.db import (
 )
 from app.models import Base
 
-APP_TABLES = {"images", "models", "embeddings", "evaluation_runs", "embedding_cache"}
+APP_TABLES = {
+    "images",
+    "models",
+    "embeddings",
+    "evaluation_runs",
+    "embedding_cache",
+    "dicomweb_cursors",
+    "dicomweb_series",
+}
+#: The newest revision.
+HEAD = "0005"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -49,15 +59,15 @@ def _diff(url: str, metadata: sa.MetaData) -> list[object]:
         engine.dispose()
 
 
-def test_head_is_the_initial_revision() -> None:
-    assert head_revision() == "0001"
+def test_head_is_the_pacs_revision() -> None:
+    assert head_revision() == HEAD
 
 
 def test_upgrade_downgrade_upgrade(database_url: str) -> None:
     assert current_revision(database_url) is None
 
     upgrade_database(database_url)
-    assert current_revision(database_url) == "0001"
+    assert current_revision(database_url) == HEAD
     assert _tables(database_url) >= APP_TABLES
 
     downgrade_database(database_url, "base")
@@ -65,7 +75,7 @@ def test_upgrade_downgrade_upgrade(database_url: str) -> None:
     assert _tables(database_url) & APP_TABLES == set()
 
     upgrade_database(database_url)
-    assert current_revision(database_url) == "0001"
+    assert current_revision(database_url) == HEAD
     assert _tables(database_url) >= APP_TABLES
 
 
@@ -152,7 +162,7 @@ def test_concurrent_upgrades_take_turns(database_url: str, tmp_path: Path) -> No
     go.touch()
     results = [(proc.wait(timeout=120), proc.communicate()[1]) for proc in procs]
     assert [rc for rc, _ in results] == [0, 0, 0], [err for _, err in results]
-    assert current_revision(database_url) == "0001"
+    assert current_revision(database_url) == HEAD
     assert _diff(database_url, Base.metadata) == []
 
 
@@ -195,7 +205,7 @@ def test_db_command_upgrade_current_downgrade(
 
     assert run(["db", "upgrade", "--database-url", sqlite_url]) == 0
     assert run(["db", "current", "--check", "--database-url", sqlite_url]) == 0
-    assert capsys.readouterr().out.strip() == "0001 (head)"
+    assert capsys.readouterr().out.strip() == f"{HEAD} (head)"
     assert _tables(sqlite_url) >= APP_TABLES
 
     assert run(["db", "downgrade", "base", "--database-url", sqlite_url]) == 0
@@ -211,7 +221,7 @@ def test_db_command_reads_the_environment(
     assert run(["db", "upgrade"]) == 0
     assert (tmp_path / "data" / "convirt.db").is_file()
     assert run(["db", "current"]) == 0
-    assert capsys.readouterr().out.strip() == "0001 (head)"
+    assert capsys.readouterr().out.strip() == f"{HEAD} (head)"
 
 
 def test_db_command_reports_an_unreachable_database(
@@ -240,5 +250,5 @@ def test_alembic_command_line_uses_the_ini_file(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert current_revision(f"sqlite:///{tmp_path / 'convirt.db'}") == "0001"
+    assert current_revision(f"sqlite:///{tmp_path / 'convirt.db'}") == HEAD
     assert "Running upgrade" in done.stderr

@@ -1,0 +1,248 @@
+"""``convirt dicom-node``: a real pynetdicom SCU sends to the node on loopback."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy import select
+
+from app import cli
+from app.models import Image
+from app.services.dicom_node import (
+    STAGING_DIRNAME,
+    STATUS_NOT_STORED_HERE,
+    STATUS_SUCCESS,
+    DicomNode,
+    NoCallerAcceptedError,
+)
+from app.services.runtime import Runtime
+from model.bundle import EncoderBundle
+from tests.app.dicom_support import (
+    SOP_CLASSES,
+    free_port,
+    kermany_pixels,
+    real_cr_path,
+    synthetic_dicom,
+)
+from tests.app.service_support import assert_consistent, make_settings, running_app
+
+CALLER = "MODALITY1"
+NODE_AE = "CONVIRT"
+
+
+@pytest.fixture
+def node(
+    tmp_path: Path, database_url: str, bundle_dir: Path, bundle: EncoderBundle
+) -> Iterator[DicomNode]:
+    settings = make_settings(
+        tmp_path / "data",
+        database_url,
+        bundle_dir,
+        dicom_ae_title=NODE_AE,
+        dicom_port=free_port(),
+        dicom_calling_aes=[CALLER],
+    )
+    runtime = Runtime.start(settings, bundle=bundle)
+    node = DicomNode(runtime)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+        runtime.close()
+
+
+def _send(node: DicomNode, datasets: list[Dataset], *, caller: str = CALLER) -> list[int]:
+    """C-STORE each dataset in one association; the statuses in order."""
+    ae = AE(ae_title=caller)
+    for uid in SOP_CLASSES.values():
+        ae.add_requested_context(uid)
+    settings = node.runtime.settings
+    assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        statuses = []
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            statuses.append(int(status.Status))
+        return statuses
+    finally:
+        assoc.release()
+
+
+def _rows(node: DicomNode) -> list[Image]:
+    with node.runtime.sessions() as session:
+        return list(session.scalars(select(Image).order_by(Image.id)))
+
+
+def test_radiographs_sent_over_c_store_are_stored_and_searchable(
+    node: DicomNode, shared_dir: Path
+) -> None:
+    real = pydicom.dcmread(real_cr_path())
+    synthetic = [synthetic_dicom(kermany_pixels(shared_dir, i), modality="DX") for i in (0, 9)]
+
+    assert _send(node, [real, *synthetic]) == [STATUS_SUCCESS] * 3
+    node.stop()  # drains the ingest thread: everything acknowledged is committed
+
+    rows = _rows(node)
+    assert sorted(str(r.study_instance_uid) for r in rows) == sorted(
+        str(ds.StudyInstanceUID) for ds in (real, *synthetic)
+    )
+    assert {r.modality for r in rows} == {"CR", "DX"}
+    assert node.counts["stored"] == 3
+    assert node.counts["ingested"] == 3
+    # Nothing is left staged once committed.
+    assert list((node.runtime.settings.data_dir / STAGING_DIRNAME).iterdir()) == []
+    assert_consistent(node.runtime)
+
+    # Sending the same instance again is one image, not two.
+    node.start()
+    assert _send(node, [real]) == [STATUS_SUCCESS]
+    node.stop()
+    assert len(_rows(node)) == 3
+
+
+def test_received_radiographs_are_found_by_the_service(
+    node: DicomNode, shared_dir: Path, bundle: EncoderBundle
+) -> None:
+    ds = synthetic_dicom(kermany_pixels(shared_dir, 3), modality="CR")
+    assert _send(node, [ds]) == [STATUS_SUCCESS]
+    node.stop()
+    settings = node.runtime.settings.model_copy(
+        update={"viewer_url_template": "http://pacs.test/viewer?study={study_instance_uid}"}
+    )
+    node.runtime.close()
+    with running_app(settings, bundle) as client:
+        response = client.post("/search/text", json={"query": "pneumonia", "k": 5})
+        assert response.status_code == 200, response.text
+        [hit] = response.json()["hits"]
+        assert hit["study_instance_uid"] == str(ds.StudyInstanceUID)
+        assert hit["viewer_url"] == f"http://pacs.test/viewer?study={ds.StudyInstanceUID}"
+        image = client.get(f"/images/{hit['image_id']}").json()
+        assert image["study_instance_uid"] == str(ds.StudyInstanceUID)
+        assert "SYN-0001" not in response.text
+        assert "Synthetic" not in response.text
+
+
+def test_instances_that_are_not_radiographs_get_a_failure_status(
+    node: DicomNode, shared_dir: Path
+) -> None:
+    pixels = kermany_pixels(shared_dir, 1)
+    refused = [
+        synthetic_dicom(pixels, modality="CT"),
+        synthetic_dicom(pixels, modality="MR"),
+        synthetic_dicom(pixels, modality="DX", colour=True),
+        synthetic_dicom(pixels, modality="DX", frames=3),
+    ]
+    no_pixels = synthetic_dicom(pixels, modality="CR")
+    del no_pixels.PixelData
+    statuses = _send(node, [*refused, no_pixels, synthetic_dicom(pixels, modality="DX")])
+
+    # The association survives every refusal: the last, valid instance is still stored.
+    assert statuses == [STATUS_NOT_STORED_HERE] * 5 + [STATUS_SUCCESS]
+    node.stop()
+    assert len(_rows(node)) == 1
+    assert node.runtime.index.ntotal == 1
+    assert node.counts["not_a_radiograph"] == 2
+    assert node.counts["color_dicom"] == 1
+    assert node.counts["multi_frame"] == 1
+    assert node.counts["no_pixel_data"] == 1
+
+
+def test_undecodable_pixel_data_is_cannot_understand(node: DicomNode, shared_dir: Path) -> None:
+    ds = synthetic_dicom(kermany_pixels(shared_dir, 2), modality="CR")
+    ds.PixelData = ds.PixelData[:100]  # truncated
+    assert _send(node, [ds]) == [0xC000]
+    node.stop()
+    assert _rows(node) == []
+
+
+def test_unknown_calling_ae_is_rejected(node: DicomNode) -> None:
+    ae = AE(ae_title="INTRUDER")
+    ae.add_requested_context(SOP_CLASSES["CR"])
+    assoc = ae.associate("127.0.0.1", node.runtime.settings.dicom_port, ae_title=NODE_AE)
+    assert assoc.is_rejected
+    assert not assoc.is_established
+    assert node.counts["association_rejected"] == 1
+
+
+def test_c_echo_answers(node: DicomNode) -> None:
+    ae = AE(ae_title=CALLER)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.runtime.settings.dicom_port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        assert int(assoc.send_c_echo().Status) == STATUS_SUCCESS
+    finally:
+        assoc.release()
+
+
+def test_staged_leftovers_of_a_crash_are_ingested_at_start(
+    tmp_path: Path, sqlite_url: str, bundle_dir: Path, bundle: EncoderBundle
+) -> None:
+    settings = make_settings(
+        tmp_path / "data",
+        sqlite_url,
+        bundle_dir,
+        dicom_port=free_port(),
+        dicom_accept_any_caller=True,
+    )
+    staging = settings.data_dir / STAGING_DIRNAME
+    staging.mkdir(parents=True)
+    # What a killed node leaves: acknowledged instances, staged, never committed.
+    real = real_cr_path()
+    shutil.copyfile(real, staging / "a.dcm")
+    garbage = staging / "b.dcm"
+    garbage.write_bytes(b"DICM but not really")
+    runtime = Runtime.start(settings, bundle=bundle)
+    node = DicomNode(runtime)
+    try:
+        node.start()
+        node.stop()
+        rows = _rows(node)
+        assert [r.study_instance_uid for r in rows] == [
+            str(pydicom.dcmread(real, stop_before_pixels=True).StudyInstanceUID)
+        ]
+        assert not (staging / "a.dcm").exists()
+        # An acknowledged file is never deleted unread: it is set aside for a person.
+        assert (staging / "b.dcm.failed").exists()
+        assert node.counts["recovered"] == 1
+        assert node.counts["recovery_failed"] == 1
+        assert_consistent(runtime)
+    finally:
+        runtime.close()
+
+
+def test_command_refuses_to_start_without_accepted_callers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("CONVIRT_DICOM_CALLING_AES", raising=False)
+    monkeypatch.delenv("CONVIRT_DICOM_ACCEPT_ANY_CALLER", raising=False)
+    code = cli.main(["dicom-node", "--data-dir", str(tmp_path), "--ae-title", "CONVIRT"])
+    assert code == 2
+    assert "--accept-any-caller" in caplog.text
+
+
+def test_command_refuses_a_bad_ae_title(tmp_path: Path) -> None:
+    args = ["dicom-node", "--data-dir", str(tmp_path), "--accept-any-caller"]
+    assert cli.main([*args, "--ae-title", "A" * 17]) == 2
+    assert cli.main([*args, "--ae-title", "BAD\\AE"]) == 2
+
+
+def test_node_without_accepted_callers_does_not_listen(
+    tmp_path: Path, sqlite_url: str, bundle_dir: Path, bundle: EncoderBundle
+) -> None:
+    settings = make_settings(tmp_path / "data", sqlite_url, bundle_dir, dicom_port=free_port())
+    runtime = Runtime.start(settings, bundle=bundle)
+    try:
+        with pytest.raises(NoCallerAcceptedError):
+            DicomNode(runtime).start()
+    finally:
+        runtime.close()
