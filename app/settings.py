@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -276,8 +277,10 @@ class Settings(BaseSettings):
         """The viewer link of a study, or None without a template or a UID."""
         if not self.viewer_url_template or not study_instance_uid:
             return None
-        # UIDs are digits and dots (PS3.5 9.1): nothing in them needs URL escaping.
-        return self.viewer_url_template.format(study_instance_uid=study_instance_uid)
+        # Stored UIDs are digits and dots (PS3.5 9.1); quoting guards a row written otherwise.
+        return self.viewer_url_template.format(
+            study_instance_uid=quote(study_instance_uid, safe=".")
+        )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom import Dataset
 
 from app.errors import AppError
 from app.services.ingest import DecodedItem, IngestItem, IngestService
+from app.services.pacs import clean_uid, is_radiograph_modality, study_uid_of
 from model.errors import ModelError
 
 if TYPE_CHECKING:
@@ -53,9 +53,6 @@ if TYPE_CHECKING:
     from app.services.runtime import Runtime
 
 logger = logging.getLogger(__name__)
-
-#: Modalities of the radiographs this node stores (computed and digital radiography).
-RADIOGRAPH_MODALITIES: Final = frozenset({"CR", "DX"})
 
 #: C-STORE statuses (PS3.4 B.2.3).
 STATUS_SUCCESS: Final = 0x0000
@@ -108,18 +105,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def study_uid_of(data: bytes) -> str | None:
-    """The StudyInstanceUID of encoded DICOM bytes, None when absent or unreadable."""
-    from io import BytesIO
-
-    try:
-        ds = dcmread(BytesIO(data), stop_before_pixels=True, force=True)
-    except (InvalidDicomError, ValueError, EOFError, OSError):
-        return None
-    uid = ds.get("StudyInstanceUID")
-    return str(uid) if uid else None
 
 
 class DicomNode:
@@ -247,16 +232,17 @@ class DicomNode:
 
     def _receive(self, event: Event) -> Refusal | None:
         ds = event.dataset
-        modality = str(ds.get("Modality", "") or "").strip().upper()
-        if modality not in RADIOGRAPH_MODALITIES:
+        modality = ds.get("Modality")
+        if not is_radiograph_modality(modality):
+            # The value is a code string from the sender: shown clipped, never trusted.
+            shown = str(modality or "missing")[:16]
             return Refusal(
                 STATUS_NOT_STORED_HERE,
                 "not_a_radiograph",
-                f"modality {modality or 'missing'}: only CR and DX are stored",
+                f"modality {shown!r}: only CR and DX are stored",
             )
         data = event.encoded_dataset(include_meta=True)
-        uid = ds.get("StudyInstanceUID")
-        item = IngestItem(data=data, study_instance_uid=str(uid) if uid else None)
+        item = IngestItem(data=data, study_instance_uid=clean_uid(ds.get("StudyInstanceUID")))
         try:
             decoded = self.ingest.decode(item)
         except ModelError as exc:

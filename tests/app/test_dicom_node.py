@@ -22,6 +22,7 @@ from app.services.dicom_node import (
     DicomNode,
     NoCallerAcceptedError,
 )
+from app.services.pacs import clean_uid
 from app.services.runtime import Runtime
 from model.bundle import EncoderBundle
 from tests.app.dicom_support import (
@@ -246,3 +247,28 @@ def test_node_without_accepted_callers_does_not_listen(
             DicomNode(runtime).start()
     finally:
         runtime.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1"),
+        ("1.2.3\0", "1.2.3"),
+        ("1.2.3/../../admin", None),
+        ("1.02.3", None),
+        ("1." + "2" * 70, None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_only_well_formed_study_uids_are_kept(value: str | None, expected: str | None) -> None:
+    assert clean_uid(value) == expected
+
+
+def test_a_malformed_study_uid_is_stored_as_none(node: DicomNode, shared_dir: Path) -> None:
+    ds = synthetic_dicom(kermany_pixels(shared_dir, 4), modality="CR")
+    ds.StudyInstanceUID = "1.2/evil?x="
+    assert _send(node, [ds]) == [STATUS_SUCCESS]
+    node.stop()
+    [row] = _rows(node)
+    assert row.study_instance_uid is None

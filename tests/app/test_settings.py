@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -223,8 +224,9 @@ def test_pacs_connector_settings_from_the_environment(monkeypatch: pytest.Monkey
     ],
 )
 def test_bad_pacs_connector_settings_are_refused(field: str, value: str) -> None:
+    given: dict[str, Any] = {field: value}
     with pytest.raises(ValidationError):
-        Settings(**{field: value})
+        Settings(**given)
 
 
 def test_dicomweb_auth_is_basic_or_bearer_never_both() -> None:
