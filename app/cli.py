@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "serve",
     "ingest",
     "dicom_node",
+    "follow_dicomweb",
     "reindex",
     "evaluate",
     "demo",
