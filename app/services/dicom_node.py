@@ -65,6 +65,8 @@ _NOT_A_RADIOGRAPH_CODES: Final = frozenset({"color_dicom", "multi_frame", "no_pi
 
 #: Directory below the data directory where received instances wait for their commit.
 STAGING_DIRNAME: Final = "dicom-staging"
+#: Largest PDU the node accepts (the peer splits an instance into PDUs of at most this).
+MAX_PDU_BYTES: Final = 4 * 1024 * 1024
 #: Seconds between index saves while instances arrive (always saved at the stop).
 SAVE_INTERVAL_S: Final = 10.0
 #: Suffix of a staged instance that could not be ingested at start-up (kept for a person).
@@ -148,6 +150,9 @@ class DicomNode:
         self._worker = threading.Thread(target=self._drain, name="dicom-ingest", daemon=True)
         self._worker.start()
         ae = AE(ae_title=settings.dicom_ae_title)
+        # pynetdicom's default (16 KiB) splits a radiograph into hundreds of PDUs, each
+        # parsed in Python; senders may use PDUs up to this size instead.
+        ae.maximum_pdu_size = MAX_PDU_BYTES
         # Every storage SOP class is accepted so that a CT or MR instance is answered with a
         # C-STORE status saying why it is not stored, rather than a bare context rejection.
         for context in AllStoragePresentationContexts:
