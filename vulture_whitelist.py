@@ -52,3 +52,15 @@ VectorIndex.tombstones
 
 # FAISS reads the removal selector off the search parameters it is handed.
 faiss.SearchParametersHNSW.sel
+
+# pydicom writes these dataset attributes into the C-STORE response; pynetdicom's AE and
+# requests' Session read theirs when an association or a request is made.
+from pydicom import Dataset
+from pynetdicom import AE
+from requests import Session
+
+Dataset.Status
+Dataset.ErrorComment
+AE.maximum_pdu_size
+AE.require_calling_aet
+Session.auth
