@@ -10,6 +10,9 @@ it alive. The file is parsed, never imported or run.
 
 import faiss
 from pydantic import BaseModel
+from pydicom import Dataset
+from pynetdicom import AE
+from requests import Session
 
 from app.models import Base, EncoderModel, Image, UTCDateTime
 from app.schemas import ImageRecord, SearchPublic, UploadResponse
@@ -55,10 +58,6 @@ faiss.SearchParametersHNSW.sel
 
 # pydicom writes these dataset attributes into the C-STORE response; pynetdicom's AE and
 # requests' Session read theirs when an association or a request is made.
-from pydicom import Dataset
-from pynetdicom import AE
-from requests import Session
-
 Dataset.Status
 Dataset.ErrorComment
 AE.maximum_pdu_size
