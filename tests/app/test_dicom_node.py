@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +16,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from app import cli
 from app.models import Image
@@ -34,6 +39,7 @@ from tests.app.dicom_support import (
 )
 from tests.app.service_support import assert_consistent, make_settings, running_app
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CALLER = "MODALITY1"
 NODE_AE = "CONVIRT"
 
@@ -272,3 +278,61 @@ def test_a_malformed_study_uid_is_stored_as_none(node: DicomNode, shared_dir: Pa
     node.stop()
     [row] = _rows(node)
     assert row.study_instance_uid is None
+
+
+@pytest.mark.slow
+def test_killing_the_node_loses_nothing_acknowledged(
+    tmp_path: Path, sqlite_url: str, bundle_dir: Path, bundle: EncoderBundle, shared_dir: Path
+) -> None:
+    port = free_port()
+    data_dir = tmp_path / "data"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "CONVIRT_DATABASE_URL": sqlite_url}
+    command = [
+        sys.executable, "-m", "app.cli", "dicom-node", "--data-dir", str(data_dir),
+        "--bundle-dir", str(bundle_dir), "--port", str(port), "--calling-ae", CALLER,
+    ]  # fmt: skip
+    node = subprocess.Popen(command, env=env, cwd=tmp_path)
+    sent = [
+        synthetic_dicom(kermany_pixels(shared_dir, i, size=(1024, 1024)), modality="DX")
+        for i in range(12)
+    ]
+    try:
+        ae = AE(ae_title=CALLER)
+        ae.add_requested_context(SOP_CLASSES["DX"])
+        deadline = time.monotonic() + 300
+        while not (assoc := ae.associate("127.0.0.1", port, ae_title=NODE_AE)).is_established:
+            assert node.poll() is None, "the node exited"
+            assert time.monotonic() < deadline, "the node did not listen in time"
+            time.sleep(0.5)
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in sent]
+        # Killed the moment the last success arrives: the ingest thread is still behind.
+        node.send_signal(signal.SIGKILL)
+        node.wait(timeout=30)
+        assoc.abort()
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+    assert statuses == [STATUS_SUCCESS] * len(sent)
+
+    settings = make_settings(
+        data_dir, sqlite_url, bundle_dir, dicom_port=free_port(), dicom_calling_aes=[CALLER]
+    )
+    runtime = Runtime.start(settings, bundle=bundle)
+    restarted = DicomNode(runtime)
+    try:
+        with runtime.sessions() as session:
+            before = session.scalar(select(func.count()).select_from(Image))
+        staged = len(list((data_dir / STAGING_DIRNAME).glob("*.dcm")))
+        # Every acknowledged instance is committed or staged, before any recovery.
+        assert (before or 0) + staged >= len(sent)
+        restarted.start()
+        restarted.stop()
+        rows = _rows(restarted)
+        assert sorted(str(r.study_instance_uid) for r in rows) == sorted(
+            str(ds.StudyInstanceUID) for ds in sent
+        )
+        assert list((data_dir / STAGING_DIRNAME).glob("*.dcm")) == []
+        assert_consistent(runtime)
+    finally:
+        runtime.close()
