@@ -23,6 +23,7 @@ writes lives below it unless configured otherwise:
 from __future__ import annotations
 
 import ipaddress
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
@@ -255,14 +256,18 @@ class Settings(BaseSettings):
             return value
         if not value.startswith(("http://", "https://")):
             raise ValueError("the viewer URL template must start with http:// or https://")
-        try:
-            value.format(study_instance_uid="1.2.3")
-        except (KeyError, IndexError, ValueError) as exc:
+        fields = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(value)
+            if name is not None
+        ]
+        # Only the bare field: no other names, no attribute access, no format spec (which
+        # could also pad the URL to any length).
+        if not fields or any(f != ("study_instance_uid", "", None) for f in fields):
             raise ValueError(
-                "the viewer URL template may only use the field {study_instance_uid}"
-            ) from exc
-        if "{study_instance_uid}" not in value:
-            raise ValueError("the viewer URL template lacks {study_instance_uid}")
+                "the viewer URL template may only use the field {study_instance_uid}, "
+                "with no format spec"
+            )
         return value
 
     @model_validator(mode="after")

@@ -258,18 +258,26 @@ class DicomwebFollower:
             response.raise_for_status()
             page = response.json()
             pending: list[IngestItem] = []
+            # The last change handled: the cursor may move to it once `pending` is committed.
+            handled = cursor
             for change in page.get("Changes", []):
+                if stop is not None and stop.is_set():
+                    break
                 if change.get("ChangeType") == "NewInstance":
                     item = self._fetch_orthanc_instance(root, str(change["ID"]))
                     if item is not None:
                         pending.append(item)
                         fetched += 1
+                handled = int(change["Seq"])
                 if len(pending) >= self.batch_size:
                     self._ingest(pending)
                     pending = []
-                    cursor = self._save_cursor(int(change["Seq"]))
+                    cursor = self._save_cursor(handled)
+            else:
+                # The whole page was handled, including the changes that are not listed.
+                handled = max(handled, int(page.get("Last", handled)))
             self._ingest(pending)
-            cursor = self._save_cursor(max(cursor, int(page.get("Last", cursor))))
+            cursor = self._save_cursor(handled)
             if page.get("Done", True):
                 break
         return fetched
@@ -334,7 +342,8 @@ class DicomwebFollower:
                     series = clean_uid(_json_value(record, _SERIES_UID))
                     if study and series:
                         count = _json_value(record, _SERIES_INSTANCES)
-                        yield study, series, int(count) if count is not None else 1 << 30
+                        # Unknown count: fetched once, when first seen.
+                        yield study, series, int(count) if count is not None else 0
                 if len(page) < QIDO_PAGE:
                     break
                 offset += len(page)

@@ -221,6 +221,10 @@ def test_pacs_connector_settings_from_the_environment(monkeypatch: pytest.Monkey
         ("viewer_url_template", "javascript:alert(1)//{study_instance_uid}"),
         ("viewer_url_template", "http://pacs/?patient={patient_id}"),
         ("viewer_url_template", "http://pacs/viewer"),
+        ("viewer_url_template", "http://pacs/?s={study_instance_uid:>99999999}"),
+        ("viewer_url_template", "http://pacs/?s={study_instance_uid.__class__}"),
+        ("viewer_url_template", "http://pacs/?s={study_instance_uid!r}"),
+        ("viewer_url_template", "http://pacs/?s={study_instance_uid"),
     ],
 )
 def test_bad_pacs_connector_settings_are_refused(field: str, value: str) -> None:
