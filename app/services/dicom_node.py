@@ -236,8 +236,12 @@ class DicomNode:
         return STATUS_SUCCESS
 
     def _receive(self, event: Event) -> Refusal | None:
-        ds = event.dataset
-        modality = ds.get("Modality")
+        try:
+            ds = event.dataset
+            modality = ds.get("Modality")
+        except Exception as exc:  # pydicom raises many unrelated types on malformed input
+            logger.info("unreadable C-STORE dataset: %s", type(exc).__name__)
+            return Refusal(STATUS_CANNOT_UNDERSTAND, "corrupt_dicom", "unreadable data set")
         if not is_radiograph_modality(modality):
             # The value is a code string from the sender: shown clipped, never trusted.
             shown = str(modality or "missing")[:16]

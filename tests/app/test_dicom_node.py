@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -336,3 +337,25 @@ def test_killing_the_node_loses_nothing_acknowledged(
         assert_consistent(runtime)
     finally:
         runtime.close()
+
+
+def test_an_internal_error_is_answered_and_the_association_survives(
+    node: DicomNode, shared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decode = node.ingest.decode
+    calls = 0
+
+    def fail_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(node.ingest, "decode", fail_once)
+    pixels = kermany_pixels(shared_dir, 7)
+    statuses = _send(node, [synthetic_dicom(pixels, modality="DX"), synthetic_dicom(pixels)])
+    assert statuses == [0xC000, STATUS_SUCCESS]
+    node.stop()
+    assert len(_rows(node)) == 1
+    assert node.counts["internal_error"] == 1
