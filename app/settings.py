@@ -131,6 +131,12 @@ class Settings(BaseSettings):
         default="127.0.0.1", min_length=1, description="address the DICOM node listens on"
     )
     dicom_port: int = Field(default=11112, ge=1, le=65535, description="DICOM node port")
+    dicom_metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="port of the DICOM node's Prometheus metrics (on dicom_host); unset: none",
+    )
     dicom_calling_aes: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="calling AE titles the DICOM node accepts (env: comma-separated)",

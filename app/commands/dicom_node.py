@@ -3,8 +3,8 @@
 A C-STORE SCP (with C-ECHO): CR and DX instances are decoded, de-identified, stored,
 embedded and indexed like an upload; anything else is answered with a failure status
 (0xA900: not stored here; 0xC000: cannot understand; 0xA700: out of resources) and
-counted. Associations from calling AE titles not listed are rejected unless
-``--accept-any-caller`` is given.
+counted (logged at the stop; Prometheus metrics with ``--metrics-port``). Associations
+from calling AE titles not listed are rejected unless ``--accept-any-caller`` is given.
 
 Received instances are staged (fsynced) under DATA_DIR/dicom-staging before the success
 status and removed once committed; a start ingests what an earlier run left there.
@@ -42,6 +42,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--ae-title", help="this node's AE title (CONVIRT_DICOM_AE_TITLE)")
     parser.add_argument("--host", help="address to listen on (CONVIRT_DICOM_HOST, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (CONVIRT_DICOM_PORT, 11112)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on this port (CONVIRT_DICOM_METRICS_PORT; default: none)",
+    )
     callers = parser.add_mutually_exclusive_group()
     callers.add_argument(
         "--calling-ae",
@@ -64,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         "dicom_ae_title": args.ae_title,
         "dicom_host": args.host,
         "dicom_port": args.port,
+        "dicom_metrics_port": args.metrics_port,
         "dicom_calling_aes": args.calling_ae,
         "dicom_accept_any_caller": args.accept_any_caller,
     }

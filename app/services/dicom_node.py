@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from prometheus_client import Counter as PromCounter
+from prometheus_client import start_http_server
 from pydicom import Dataset
 
 from app.errors import AppError
@@ -47,6 +49,8 @@ from app.services.pacs import clean_uid, is_radiograph_modality, study_uid_of
 from model.errors import ModelError
 
 if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
     from pynetdicom.events import Event
     from pynetdicom.transport import ThreadedAssociationServer
 
@@ -130,6 +134,15 @@ class DicomNode:
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         self._server: ThreadedAssociationServer | None = None
+        self._metrics_server: WSGIServer | None = None
+        # One node per runtime: the counter lives on the runtime's registry.
+        self.instances = PromCounter(
+            "convirt_dicom_instances",
+            "C-STORE instances and associations of the DICOM node by outcome: stored, "
+            "ingested, or the reason of a refusal.",
+            ("outcome",),
+            registry=runtime.metrics.registry,
+        )
         self._worker: threading.Thread | None = None
         self._last_save = time.monotonic()
 
@@ -174,6 +187,12 @@ class DicomNode:
         assert server is not None  # non-blocking start_server returns the server
         self._server = server
         host, port = server.server_address[:2]
+        if settings.dicom_metrics_port is not None:
+            self._metrics_server, _ = start_http_server(
+                settings.dicom_metrics_port,
+                addr=settings.dicom_host,
+                registry=self.runtime.metrics.registry,
+            )
         logger.info("DICOM node %s listening on %s:%d", settings.dicom_ae_title, host, port)
         return str(host), int(port)
 
@@ -182,6 +201,10 @@ class DicomNode:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
         if self._worker is not None:
             self._queue.put(None)
             self._worker.join()
@@ -212,8 +235,7 @@ class DicomNode:
     # -- the C-STORE handler -----------------------------------------------------------
 
     def _count(self, outcome: str) -> None:
-        with self._lock:
-            self.counts[outcome] += 1
+        self._count_many(outcome, 1)
 
     def _refuse(self, refusal: Refusal) -> Dataset:
         self._count(refusal.reason)
@@ -335,3 +357,5 @@ class DicomNode:
     def _count_many(self, outcome: str, n: int) -> None:
         with self._lock:
             self.counts[outcome] += n
+        # Outcomes are this module's reasons and the decoder's error codes: a fixed set.
+        self.instances.labels(outcome).inc(n)

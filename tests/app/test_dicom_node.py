@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -359,3 +360,32 @@ def test_an_internal_error_is_answered_and_the_association_survives(
     node.stop()
     assert len(_rows(node)) == 1
     assert node.counts["internal_error"] == 1
+
+
+def test_refusals_are_counted_in_the_metrics(
+    tmp_path: Path, sqlite_url: str, bundle_dir: Path, bundle: EncoderBundle, shared_dir: Path
+) -> None:
+    metrics_port = free_port()
+    settings = make_settings(
+        tmp_path / "data",
+        sqlite_url,
+        bundle_dir,
+        dicom_port=free_port(),
+        dicom_metrics_port=metrics_port,
+        dicom_calling_aes=[CALLER],
+    )
+    runtime = Runtime.start(settings, bundle=bundle)
+    node = DicomNode(runtime)
+    try:
+        node.start()
+        pixels = kermany_pixels(shared_dir, 8)
+        _send(node, [synthetic_dicom(pixels, modality="CT"), synthetic_dicom(pixels)])
+        node_metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        assert 'convirt_dicom_instances_total{outcome="not_a_radiograph"} 1.0' in node_metrics
+        assert 'convirt_dicom_instances_total{outcome="stored"} 1.0' in node_metrics
+    finally:
+        node.stop()
+        runtime.close()
+    # Stopped means stopped: the metrics port is released with the node.
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
