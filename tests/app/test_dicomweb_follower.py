@@ -16,6 +16,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import requests
 import sqlalchemy as sa
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
@@ -24,8 +25,14 @@ from sqlalchemy import func, select
 
 from app import cli
 from app.models import DicomwebCursor, DicomwebSeries, Image
-from app.services.dicomweb_follower import DicomwebFollower, as_part10, multipart_parts
+from app.services.dicomweb_follower import (
+    DicomwebFollower,
+    as_part10,
+    http_session,
+    multipart_parts,
+)
 from app.services.runtime import Runtime
+from app.settings import Settings
 from model.bundle import EncoderBundle
 from tests.app.dicom_support import kermany_pixels, real_cr_path, synthetic_dicom
 from tests.app.orthanc_support import PASSWORD, USER, Orthanc, running_orthanc
@@ -334,3 +341,48 @@ def test_a_stop_mid_page_resumes_exactly_where_it_stopped(
     assert second.poll_once() == 3
     assert second.counts["created"] == 3
     assert len(_images(runtime)) == 5
+
+
+def test_the_follower_keeps_following_until_stopped(
+    orthanc: Orthanc, runtime: Runtime, shared_dir: Path
+) -> None:
+    runtime.settings = runtime.settings.model_copy(update={"dicomweb_poll_seconds": 0.2})
+    follower = DicomwebFollower(runtime, orthanc.dicomweb)
+    stop = threading.Event()
+    thread = threading.Thread(target=follower.run, args=(stop,))
+    thread.start()
+    try:
+        for first in (0, 3):
+            _stow(orthanc, _study(shared_dir, 1, first=first))
+            deadline = time.monotonic() + 120
+            while len(_images(runtime)) < (1 if first == 0 else 2):
+                assert thread.is_alive()
+                assert time.monotonic() < deadline, "the follower did not pick the study up"
+                time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert follower.counts["created"] == 2
+
+
+def test_wrong_credentials_fail_loudly(orthanc: Orthanc, runtime: Runtime) -> None:
+    session = requests.Session()
+    session.auth = (USER, "not-the-password")
+    follower = DicomwebFollower(runtime, orthanc.dicomweb, session=session)
+    with pytest.raises(requests.HTTPError) as caught:
+        follower.poll_once()
+    assert caught.value.response is not None
+    assert caught.value.response.status_code == 401
+
+
+def test_credentials_come_from_the_settings(tmp_path: Path) -> None:
+    bearer = http_session(Settings(data_dir=tmp_path, dicomweb_token="t0ken-" + "x" * 20))
+    assert bearer.headers["Authorization"] == "Bearer t0ken-" + "x" * 20
+    assert bearer.auth is None
+    basic = http_session(Settings(data_dir=tmp_path, dicomweb_username="u", dicomweb_password="p"))
+    assert basic.auth == ("u", "p")
+    assert "Authorization" not in basic.headers
+    anonymous = http_session(Settings(data_dir=tmp_path))
+    assert anonymous.auth is None
+    assert "Authorization" not in anonymous.headers
