@@ -34,6 +34,7 @@ from app.services.runtime import Runtime
 from model.bundle import EncoderBundle
 from tests.app.dicom_support import (
     SOP_CLASSES,
+    dicom_bytes,
     free_port,
     kermany_pixels,
     real_cr_path,
@@ -389,3 +390,29 @@ def test_refusals_are_counted_in_the_metrics(
     # Stopped means stopped: the metrics port is released with the node.
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
+
+
+def test_pynetdicom_storescu_sends_a_folder_of_radiographs(
+    node: DicomNode, tmp_path: Path, shared_dir: Path
+) -> None:
+    # The command-line storescu that ships with pynetdicom, as a site would use it.
+    folder = tmp_path / "outgoing"
+    folder.mkdir()
+    shutil.copyfile(real_cr_path(), folder / "RG1_UNCR.dcm")
+    (folder / "ct.dcm").write_bytes(
+        dicom_bytes(synthetic_dicom(kermany_pixels(shared_dir, 11), modality="CT"))
+    )
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1",
+            str(node.runtime.settings.dicom_port), str(folder), "-r",
+            "-aet", CALLER, "-aec", NODE_AE, "-v",
+        ],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert "Association Accepted" in done.stderr, done.stderr
+    node.stop()
+    [row] = _rows(node)
+    assert row.modality == "CR"
+    assert node.counts["stored"] == 1
+    assert node.counts["not_a_radiograph"] == 1
