@@ -265,6 +265,7 @@ def test_pacs_studies_link_to_the_viewer(page: Any, live_service: LiveService) -
             # An uploaded study has no PACS UID: no link to a viewer.
             assert links.count() == 0
 
+    page.screenshot(path=str(screenshot_dir() / "viewer-links.png"), full_page=True)
     position = shown.index(linked[0])
     page.locator(".result-button").nth(position).click()
     dialog = page.get_by_role("dialog")
@@ -274,4 +275,5 @@ def test_pacs_studies_link_to_the_viewer(page: Any, live_service: LiveService) -
     assert detail_link.get_attribute("href") == VIEWER_URL_TEMPLATE.format(
         study_instance_uid=uids[linked[0]]
     )
+    page.screenshot(path=str(screenshot_dir() / "viewer-link-detail.png"))
     assert page.errors == []
