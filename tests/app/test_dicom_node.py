@@ -276,7 +276,8 @@ def test_only_well_formed_study_uids_are_kept(value: str | None, expected: str |
 
 def test_a_malformed_study_uid_is_stored_as_none(node: DicomNode, shared_dir: Path) -> None:
     ds = synthetic_dicom(kermany_pixels(shared_dir, 4), modality="CR")
-    ds.StudyInstanceUID = "1.2/evil?x="
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):
+        ds.StudyInstanceUID = "1.2/evil?x="  # what a hostile sender can put on the wire
     assert _send(node, [ds]) == [STATUS_SUCCESS]
     node.stop()
     [row] = _rows(node)
