@@ -190,32 +190,47 @@ class DicomwebFollower:
         )
         self.mode = mode
         self._orthanc: str | None = None
+        self._decided = False
         self.counts: Counter[str] = Counter()
         self._last_save = time.monotonic()
 
     # -- discovery ---------------------------------------------------------------------
 
     def orthanc_root(self) -> str | None:
-        """Orthanc's REST root when the server is an Orthanc (and the mode allows), else None."""
+        """Orthanc's REST root when the server is an Orthanc (and the mode allows), else None.
+
+        Decided once, at the first answer: a follower never switches between the change
+        feed and QIDO-RS (whose first pass would re-fetch everything the other fetched).
+
+        Raises:
+            requests.RequestException: the server cannot be reached, or refuses the
+                credentials; nothing is decided then.
+            DicomwebSourceError: ``mode`` is ``orthanc`` and the server is not one.
+        """
         if self.mode == "qido":
             return None
-        if self._orthanc is not None:
+        if self._decided:
             return self._orthanc
         # Orthanc's DICOMweb plugin lives under {root}/dicom-web by default.
         root = self.source.rsplit("/", 1)[0] if self.source.endswith("/dicom-web") else None
+        about: Any = {}
         if root is not None:
+            response = self.session.get(f"{root}/system", timeout=HTTP_TIMEOUT_S)
+            if response.status_code in (401, 403):
+                response.raise_for_status()
             try:
-                response = self.session.get(f"{root}/system", timeout=HTTP_TIMEOUT_S)
                 about = response.json() if response.ok else {}
-            except (requests.RequestException, ValueError):
+            except ValueError:  # not JSON: not an Orthanc
                 about = {}
-            if isinstance(about, dict) and "ApiVersion" in about and "DicomAet" in about:
-                self._orthanc = root
-                logger.info("following Orthanc %s by its change feed", about.get("Version"))
-                return root
-        if self.mode == "orthanc":
+        if isinstance(about, dict) and "ApiVersion" in about and "DicomAet" in about:
+            logger.info("following Orthanc %s by its change feed", about.get("Version"))
+            self._orthanc = root
+        elif self.mode == "orthanc":
             raise DicomwebSourceError(f"{self.source} is not an Orthanc's /dicom-web root")
-        return None
+        else:
+            logger.info("following %s by QIDO-RS searches", self.source)
+        self._decided = True
+        return self._orthanc
 
     # -- one pass ----------------------------------------------------------------------
 
@@ -240,7 +255,8 @@ class DicomwebFollower:
                 fetched = self.poll_once(stop)
                 if fetched:
                     logger.info("%d instances fetched; totals %s", fetched, dict(self.counts))
-            except requests.RequestException as exc:
+            except (requests.RequestException, ValueError) as exc:
+                # ValueError: an answer that is not the JSON it should be.
                 logger.warning("DICOMweb server unavailable (%s); retrying", type(exc).__name__)
             stop.wait(pause)
 

@@ -34,7 +34,7 @@ from app.services.dicomweb_follower import (
 from app.services.runtime import Runtime
 from app.settings import Settings
 from model.bundle import EncoderBundle
-from tests.app.dicom_support import kermany_pixels, real_cr_path, synthetic_dicom
+from tests.app.dicom_support import free_port, kermany_pixels, real_cr_path, synthetic_dicom
 from tests.app.orthanc_support import PASSWORD, USER, Orthanc, running_orthanc
 from tests.app.service_support import assert_consistent, make_settings, running_app
 
@@ -386,3 +386,24 @@ def test_credentials_come_from_the_settings(tmp_path: Path) -> None:
     anonymous = http_session(Settings(data_dir=tmp_path))
     assert anonymous.auth is None
     assert "Authorization" not in anonymous.headers
+
+
+def test_an_unreachable_server_is_retried_not_given_up(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens there
+    follower = DicomwebFollower(runtime, url)
+    with pytest.raises(requests.ConnectionError):
+        follower.poll_once()
+    # Not taken for a non-Orthanc: the way of following is decided at the first answer.
+    assert follower._decided is False
+
+    runtime.settings = runtime.settings.model_copy(update={"dicomweb_poll_seconds": 0.05})
+    stop = threading.Event()
+    thread = threading.Thread(target=follower.run, args=(stop,))
+    thread.start()
+    time.sleep(1.0)
+    stop.set()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert caplog.text.count("DICOMweb server unavailable (ConnectionError); retrying") >= 2
