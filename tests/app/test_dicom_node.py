@@ -44,6 +44,8 @@ from tests.app.service_support import assert_consistent, make_settings, running_
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CALLER = "MODALITY1"
+#: Seconds a test SCU waits for an answer: the 30 s default is short on a busy shared machine.
+SCU_TIMEOUT_S = 300
 NODE_AE = "CONVIRT"
 
 
@@ -72,6 +74,7 @@ def node(
 def _send(node: DicomNode, datasets: list[Dataset], *, caller: str = CALLER) -> list[int]:
     """C-STORE each dataset in one association; the statuses in order."""
     ae = AE(ae_title=caller)
+    ae.dimse_timeout = ae.acse_timeout = ae.network_timeout = SCU_TIMEOUT_S
     for uid in SOP_CLASSES.values():
         ae.add_requested_context(uid)
     settings = node.runtime.settings
@@ -176,6 +179,7 @@ def test_undecodable_pixel_data_is_cannot_understand(node: DicomNode, shared_dir
 
 def test_unknown_calling_ae_is_rejected(node: DicomNode) -> None:
     ae = AE(ae_title="INTRUDER")
+    ae.dimse_timeout = ae.acse_timeout = ae.network_timeout = SCU_TIMEOUT_S
     ae.add_requested_context(SOP_CLASSES["CR"])
     assoc = ae.associate("127.0.0.1", node.runtime.settings.dicom_port, ae_title=NODE_AE)
     assert assoc.is_rejected
@@ -185,6 +189,7 @@ def test_unknown_calling_ae_is_rejected(node: DicomNode) -> None:
 
 def test_c_echo_answers(node: DicomNode) -> None:
     ae = AE(ae_title=CALLER)
+    ae.dimse_timeout = ae.acse_timeout = ae.network_timeout = SCU_TIMEOUT_S
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", node.runtime.settings.dicom_port, ae_title=NODE_AE)
     assert assoc.is_established
@@ -304,6 +309,7 @@ def test_killing_the_node_loses_nothing_acknowledged(
     ]
     try:
         ae = AE(ae_title=CALLER)
+        ae.dimse_timeout = ae.acse_timeout = ae.network_timeout = SCU_TIMEOUT_S
         ae.add_requested_context(SOP_CLASSES["DX"])
         deadline = time.monotonic() + 300
         while not (assoc := ae.associate("127.0.0.1", port, ae_title=NODE_AE)).is_established:
@@ -410,6 +416,7 @@ def test_pynetdicom_storescu_sends_a_folder_of_radiographs(
             sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1",
             str(node.runtime.settings.dicom_port), str(folder), "-r",
             "-aet", CALLER, "-aec", NODE_AE, "-v",
+            "-td", str(SCU_TIMEOUT_S), "-ta", str(SCU_TIMEOUT_S), "-tn", str(SCU_TIMEOUT_S),
         ],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip

@@ -125,6 +125,7 @@ def run_node(settings: Settings, bundle: EncoderBundle, paths: list[Path]) -> fl
     try:
         node.start()
         ae = AE(ae_title=CALLER)
+        ae.dimse_timeout = ae.acse_timeout = ae.network_timeout = 300
         ae.add_requested_context(DX_STORAGE, ExplicitVRLittleEndian)
         start = time.perf_counter()
         assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title=settings.dicom_ae_title)
