@@ -105,6 +105,10 @@ class _Staged:
     path: Path
 
 
+#: fdatasync where the platform has it (Linux), fsync elsewhere.
+_fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -298,7 +302,8 @@ class DicomNode:
         with partial.open("wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            # Data (and the size) only: the rename and the directory fsync do the rest.
+            _fdatasync(handle.fileno())
         partial.replace(final)
         _fsync_dir(self.staging)
         return final

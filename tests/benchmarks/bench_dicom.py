@@ -9,9 +9,9 @@ are ingested twice:
 - ``convirt ingest``: the code behind the command (:func:`app.commands.ingest.ingest_sources`,
   batch 16), bundle already loaded;
 - ``dicom-node``: a :class:`app.services.dicom_node.DicomNode` listens on 127.0.0.1 and a
-  pynetdicom SCU in this process sends every file over one association; the time runs from
-  the association request to the moment the node has committed and indexed every
-  acknowledged instance (its stop drains the ingest thread).
+  pynetdicom SCU in a separate process (as a sender is) sends every file over one
+  association; the time runs from the association request to the moment the node has
+  committed and indexed every acknowledged instance (its stop drains the ingest thread).
 
 The two alternate over ``--rounds`` so that background load on a shared machine hits both
 alike. Reported: instances/s of each (median over rounds) and their ratio (goal: the node
@@ -29,6 +29,7 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +46,6 @@ import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid  # noqa: E402
-from pynetdicom import AE  # noqa: E402
 
 from app.commands.ingest import discover, ingest_sources  # noqa: E402
 from app.services.dicom_node import DicomNode  # noqa: E402
@@ -119,24 +119,56 @@ def run_ingest(settings: Settings, bundle: EncoderBundle, files: Path) -> float:
     return elapsed
 
 
+# The sender runs in its own interpreter, as a modality or PACS does on its own machine:
+# in this one it would compete with the node for the GIL. It imports pynetdicom, says
+# "ready", waits for "go", then sends every file over one association.
+SCU_SCRIPT = """
+import sys
+from pynetdicom import AE
+host, port, called, caller, syntax, transfer, *paths = sys.argv[1:]
+ae = AE(ae_title=caller)
+ae.dimse_timeout = ae.acse_timeout = ae.network_timeout = 300
+ae.add_requested_context(syntax, transfer)
+print("ready", flush=True)
+sys.stdin.readline()
+assoc = ae.associate(host, int(port), ae_title=called)
+assert assoc.is_established
+failed = sum(int(assoc.send_c_store(path).Status) != 0 for path in paths)
+assoc.release()
+print(failed, flush=True)
+"""
+
+
 def run_node(settings: Settings, bundle: EncoderBundle, paths: list[Path]) -> float:
     runtime = Runtime.start(settings, bundle=bundle)
     node = DicomNode(runtime)
+    sender = None
     try:
         node.start()
-        ae = AE(ae_title=CALLER)
-        ae.dimse_timeout = ae.acse_timeout = ae.network_timeout = 300
-        ae.add_requested_context(DX_STORAGE, ExplicitVRLittleEndian)
+        sender = subprocess.Popen(
+            [
+                sys.executable, "-c", SCU_SCRIPT, "127.0.0.1", str(settings.dicom_port),
+                settings.dicom_ae_title, CALLER, DX_STORAGE, str(ExplicitVRLittleEndian),
+                *map(str, paths),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert sender.stdin is not None
+        assert sender.stdout is not None
+        assert sender.stdout.readline().strip() == "ready"
         start = time.perf_counter()
-        assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title=settings.dicom_ae_title)
-        assert assoc.is_established
-        for path in paths:
-            status = assoc.send_c_store(path)
-            assert int(status.Status) == 0, status
-        assoc.release()
+        sender.stdin.write("go\n")
+        sender.stdin.flush()
+        failed = sender.stdout.readline().strip()
         node.stop()  # returns once every acknowledged instance is committed and indexed
         elapsed = time.perf_counter() - start
+        assert failed == "0", f"{failed} instances refused"
     finally:
+        if sender is not None:
+            sender.kill()
+            sender.wait()
         node.stop()
         runtime.close()
     assert node.counts["ingested"] == len(paths), dict(node.counts)
