@@ -60,7 +60,7 @@ CALLER = "BENCH"
 def make_instances(out: Path, n: int, size: int, seed: int) -> list[Path]:
     """``n`` DX DICOM files of smooth random 12-bit pictures, one study."""
     rng = np.random.default_rng(seed)
-    study = generate_uid()
+    study, series = generate_uid(), generate_uid()
     paths = []
     for i in range(n):
         coarse = rng.random((size // 32, size // 32))
@@ -75,7 +75,7 @@ def make_instances(out: Path, n: int, size: int, seed: int) -> list[Path]:
         ds.SOPClassUID = DX_STORAGE
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = study + ".1"
+        ds.SeriesInstanceUID = series
         ds.Modality = "DX"
         ds.ViewPosition = "PA"
         ds.Rows = ds.Columns = size
