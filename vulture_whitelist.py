@@ -10,6 +10,9 @@ it alive. The file is parsed, never imported or run.
 
 import faiss
 from pydantic import BaseModel
+from pydicom import Dataset
+from pynetdicom import AE
+from requests import Session
 
 from app.api.classify import FindingPublic
 from app.main import create_worker_app
@@ -84,3 +87,10 @@ PixelBudget.in_use
 
 # uvicorn imports it by name ("app.main:create_worker_app") in each `serve --workers` process.
 create_worker_app
+# pydicom writes these dataset attributes into the C-STORE response; pynetdicom's AE and
+# requests' Session read theirs when an association or a request is made.
+Dataset.Status
+Dataset.ErrorComment
+AE.maximum_pdu_size
+AE.require_calling_aet
+Session.auth

@@ -22,6 +22,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "db",
     "serve",
     "ingest",
+    "dicom_node",
+    "follow_dicomweb",
     "reindex",
     "worker",
     "evaluate",

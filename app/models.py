@@ -11,6 +11,9 @@ Tables:
 - ``embeddings``: one vector per (image, model), so that a new model can be rolled out
   beside the old one; deleted with their image.
 - ``evaluation_runs``: background evaluation runs and their results.
+- ``dicomweb_cursors`` and ``dicomweb_series``: how far ``convirt follow-dicomweb`` has
+  read each DICOMweb server (an Orthanc change sequence, or the series already fetched),
+  so that a restart resumes where it stopped.
 - ``embedding_cache``: vectors of the evaluation's images keyed by (model id, image
   content hash); these images need not be stored in ``images``.
 - ``changes``: the change feed. One row per embedding added or removed, and one per
@@ -19,8 +22,11 @@ Tables:
 
 No column holds a patient identifier (name, patient id, birth date, accession number):
 ``study_ref`` is an opaque reference chosen by the uploading system and must not be one of
-those. Vectors are stored as raw little-endian float32 bytes with their dimension, checked
-by the database (``length(vector) = 4 * dim``).
+those. ``study_instance_uid`` is the DICOM StudyInstanceUID that the PACS connectors
+(``convirt dicom-node``, ``convirt follow-dicomweb``) record so a hit links back to its
+study in the PACS viewer: a random technical UID, not a patient identifier. Vectors are
+stored as raw little-endian float32 bytes with their dimension, checked by the database
+(``length(vector) = 4 * dim``).
 
 The schema is created by the Alembic migrations in ``migrations/``, which must match these
 models exactly (a test runs autogenerate against a migrated database and expects nothing).
@@ -70,6 +76,10 @@ MODALITY_CHARS: Final = 16
 STUDY_REF_CHARS: Final = 128
 #: Names of the processes that run evaluation jobs.
 WORKER_CHARS: Final = 128
+#: DICOM UIDs are at most 64 characters (PS3.5 9.1).
+DICOM_UID_CHARS: Final = 64
+#: A DICOMweb server's URL, as the follower's cursor key.
+SOURCE_URL_CHARS: Final = 512
 
 EVALUATION_STATUSES: Final[tuple[str, ...]] = ("queued", "running", "succeeded", "failed")
 #: Kinds of change feed records: an embedding added, an image's embeddings removed, the
@@ -196,6 +206,11 @@ class Image(TimestampMixin, Base):
         String(STUDY_REF_CHARS),
         index=True,
         comment="opaque external study reference, never an accession",
+    )
+    study_instance_uid: Mapped[str | None] = mapped_column(
+        String(DICOM_UID_CHARS),
+        index=True,
+        comment="DICOM StudyInstanceUID from a PACS connector, for the viewer link",
     )
     image_path: Mapped[str] = mapped_column(String(PATH_CHARS))
     thumbnail_path: Mapped[str] = mapped_column(String(PATH_CHARS))
@@ -365,3 +380,29 @@ class Change(Base):
         CheckConstraint("op IN (" + ", ".join(f"'{s}'" for s in CHANGE_OPS) + ")", name="known_op"),
         {"sqlite_autoincrement": True},
     )
+
+
+class DicomwebCursor(Base):
+    """How far ``convirt follow-dicomweb`` has read one server's Orthanc change feed."""
+
+    __tablename__ = "dicomweb_cursors"
+
+    source: Mapped[str] = mapped_column(
+        String(SOURCE_URL_CHARS), primary_key=True, comment="DICOMweb URL, no credentials"
+    )
+    last_change: Mapped[int] = mapped_column(
+        BigInteger, default=0, comment="last Orthanc /changes sequence number handled"
+    )
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        default=utcnow, onupdate=utcnow, server_default=func.current_timestamp()
+    )
+
+
+class DicomwebSeries(TimestampMixin, Base):
+    """A series that ``convirt follow-dicomweb`` has fetched from a server (QIDO-RS mode)."""
+
+    __tablename__ = "dicomweb_series"
+
+    source: Mapped[str] = mapped_column(String(SOURCE_URL_CHARS), primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(DICOM_UID_CHARS), primary_key=True)
+    instances: Mapped[int] = mapped_column(Integer, comment="instances fetched")

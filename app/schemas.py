@@ -1,7 +1,8 @@
 """Request and response bodies of the API (pydantic): ``*Create`` in, ``*Public`` out.
 
 No schema carries a patient identifier: what goes out is the image's technical metadata,
-its labels, its report text and the caller's own study reference.
+its labels, its report text, the caller's own study reference and the DICOM
+StudyInstanceUID a PACS connector recorded (a technical UID, not a patient identifier).
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ class ImageRecord(BaseModel):
     labels: Labels | None
     report_text: str | None
     study_ref: str | None
+    study_instance_uid: str | None = Field(
+        description="DICOM StudyInstanceUID, for images that came from a PACS connector."
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -109,6 +113,9 @@ class ImagePublic(ImageRecord):
     """One stored image, as ``GET /images/{id}`` returns it."""
 
     thumbnail_url: str
+    viewer_url: str | None = Field(
+        description="The study in the PACS viewer, when a viewer URL template is set."
+    )
 
 
 class UploadResult(BaseModel):
@@ -185,7 +192,11 @@ class SearchHit(BaseModel):
     view_position: str | None
     labels: Labels | None
     study_ref: str | None
+    study_instance_uid: str | None
     thumbnail_url: str
+    viewer_url: str | None = Field(
+        description="The study in the PACS viewer, when a viewer URL template is set."
+    )
 
 
 class SearchPublic(BaseModel):

@@ -25,8 +25,10 @@ writes lives below it unless configured otherwise:
 from __future__ import annotations
 
 import ipaddress
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -47,6 +49,20 @@ _MIB = 1024 * 1024
 DEFAULT_ALLOWED_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")
 #: Folder under the data directory that evaluations may read by default.
 EVALUATION_DIR = "evaluation"
+
+
+def check_ae_title(value: str) -> str:
+    """A DICOM AE title: 1-16 printable ASCII characters, no backslash (PS3.5 6.2).
+
+    Raises:
+        ValueError: the title is empty, too long or holds a forbidden character.
+    """
+    title = value.strip()
+    if not 1 <= len(title) <= 16:
+        raise ValueError("an AE title has 1 to 16 characters")
+    if any(not (" " <= ch <= "~") or ch == "\\" for ch in title):
+        raise ValueError("an AE title holds printable ASCII only, and no backslash")
+    return title
 
 
 class InsecureExposureError(AppError):
@@ -197,6 +213,40 @@ class Settings(BaseSettings):
         "(`convirt serve`; 60 s is 0.9 MB/s for the default 50 MB upload limit)",
     )
 
+    # -- PACS connectors (``convirt dicom-node``, ``convirt follow-dicomweb``) ---------------
+    dicom_ae_title: str = Field(
+        default="CONVIRT", description="the DICOM node's own AE title (1-16 characters)"
+    )
+    dicom_host: str = Field(
+        default="127.0.0.1", min_length=1, description="address the DICOM node listens on"
+    )
+    dicom_port: int = Field(default=11112, ge=1, le=65535, description="DICOM node port")
+    dicom_metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="port of the DICOM node's Prometheus metrics (on dicom_host); unset: none",
+    )
+    dicom_calling_aes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="calling AE titles the DICOM node accepts (env: comma-separated)",
+    )
+    dicom_accept_any_caller: bool = Field(
+        default=False, description="accept associations from any calling AE title"
+    )
+    dicomweb_username: str = Field(default="", description="DICOMweb basic auth user")
+    dicomweb_password: str = Field(default="", repr=False, description="DICOMweb basic auth")
+    dicomweb_token: str = Field(
+        default="", repr=False, description="DICOMweb bearer token (instead of basic auth)"
+    )
+    dicomweb_poll_seconds: float = Field(
+        default=10.0, gt=0, le=3600, description="pause between polls of the DICOMweb server"
+    )
+    viewer_url_template: str = Field(
+        default="",
+        description="link to a study in the PACS viewer, with {study_instance_uid}; empty: none",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _derive_defaults(cls, data: Any) -> Any:
@@ -279,7 +329,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"API key #{position} contains whitespace or a comma")
         return value
 
-    @field_validator("allowed_hosts", "evaluation_roots", mode="before")
+    @field_validator("dicom_ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        return check_ae_title(value)
+
+    @field_validator("allowed_hosts", "evaluation_roots", "dicom_calling_aes", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -299,6 +354,50 @@ class Settings(BaseSettings):
     def _absolute_roots(cls, value: list[Path]) -> list[Path]:
         # Resolved once, so that the containment check compares real paths on both sides.
         return [Path(root).expanduser().resolve() for root in value]
+
+    @field_validator("dicom_calling_aes")
+    @classmethod
+    def _check_calling_aes(cls, value: list[str]) -> list[str]:
+        return [check_ae_title(title) for title in value]
+
+    @field_validator("viewer_url_template")
+    @classmethod
+    def _check_viewer_template(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("the viewer URL template must start with http:// or https://")
+        fields = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(value)
+            if name is not None
+        ]
+        # Only the bare field: no other names, no attribute access, no format spec (which
+        # could also pad the URL to any length).
+        if not fields or any(f != ("study_instance_uid", "", None) for f in fields):
+            raise ValueError(
+                "the viewer URL template may only use the field {study_instance_uid}, "
+                "with no format spec"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_dicomweb_auth(self) -> Settings:
+        if self.dicomweb_token and (self.dicomweb_username or self.dicomweb_password):
+            raise ValueError("set either a DICOMweb bearer token or basic auth, not both")
+        if bool(self.dicomweb_username) != bool(self.dicomweb_password):
+            raise ValueError("DICOMweb basic auth needs both a user name and a password")
+        return self
+
+    def viewer_url(self, study_instance_uid: str | None) -> str | None:
+        """The viewer link of a study, or None without a template or a UID."""
+        if not self.viewer_url_template or not study_instance_uid:
+            return None
+        # Stored UIDs are digits and dots (PS3.5 9.1); quoting guards a row written otherwise.
+        return self.viewer_url_template.format(
+            study_instance_uid=quote(study_instance_uid, safe=".")
+        )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -207,12 +207,18 @@ def _check_lengths(values: Sequence[str | None], field: str, limit: int, message
     summary="An image's metadata, labels and report",
     responses=problem_responses(401, 404, 503),
 )
-def get_image(image_id: ImageId, request: Request, session: SessionDep) -> ImagePublic:
+def get_image(
+    image_id: ImageId, request: Request, session: SessionDep, settings: SettingsDep
+) -> ImagePublic:
     row = session.get(Image, image_id)
     if row is None:
         raise _not_found(image_id)
     record = ImageRecord.model_validate(row)
-    return ImagePublic(**dict(record), thumbnail_url=thumbnail_url(request, row.id))
+    return ImagePublic(
+        **dict(record),
+        thumbnail_url=thumbnail_url(request, row.id),
+        viewer_url=settings.viewer_url(record.study_instance_uid),
+    )
 
 
 @router.get(

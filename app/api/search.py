@@ -83,7 +83,9 @@ def _response(
                 view_position=hit.view_position,
                 labels=hit.labels,
                 study_ref=hit.study_ref,
+                study_instance_uid=hit.study_instance_uid,
                 thumbnail_url=thumbnail_url(request, hit.image_id),
+                viewer_url=runtime.settings.viewer_url(hit.study_instance_uid),
             )
             for rank, hit in enumerate(hits, start=1)
         ],

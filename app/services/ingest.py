@@ -39,6 +39,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import (
+    DICOM_UID_CHARS,
     MODALITY_CHARS,
     STUDY_REF_CHARS,
     VIEW_POSITION_CHARS,
@@ -85,6 +86,8 @@ class IngestItem:
     study_ref: str | None = None
     #: Used when the file itself names no view (PNG/JPEG, or a DICOM without the tag).
     view_position: str | None = None
+    #: Set by the PACS connectors only: the study's DICOM StudyInstanceUID.
+    study_instance_uid: str | None = None
 
 
 @dataclass
@@ -235,6 +238,7 @@ class IngestService:
             labels=dict(it.item.labels or {}),
             report_text=it.item.report_text,
             study_ref=_clip(it.item.study_ref, STUDY_REF_CHARS),
+            study_instance_uid=_clip(it.item.study_instance_uid, DICOM_UID_CHARS),
         )
 
     def _commit_all(

@@ -59,6 +59,7 @@ class Hit:
     view_position: str | None
     labels: dict[str, Any] | None
     study_ref: str | None
+    study_instance_uid: str | None
 
 
 class RetrievalService:
@@ -209,9 +210,13 @@ class RetrievalService:
             rows = {
                 int(r[0]): r
                 for r in session.execute(
-                    select(Image.id, Image.view_position, Image.labels, Image.study_ref).where(
-                        Image.id.in_(list(ids))
-                    )
+                    select(
+                        Image.id,
+                        Image.view_position,
+                        Image.labels,
+                        Image.study_ref,
+                        Image.study_instance_uid,
+                    ).where(Image.id.in_(list(ids)))
                 ).all()
             }
         hits: list[Hit] = []
@@ -219,7 +224,7 @@ class RetrievalService:
             row = rows.get(image_id)
             if row is None:
                 continue
-            hits.append(Hit(image_id, score, row[1], row[2], row[3]))
+            hits.append(Hit(image_id, score, row[1], row[2], row[3], row[4]))
             if len(hits) == k:
                 break
         return hits

@@ -400,7 +400,23 @@
 
     button.append(frame, body);
     item.append(button);
+    // Beside the button, not in it: a link inside a button is neither valid nor reachable.
+    const link = viewerLink(hit.viewer_url);
+    if (link) item.append(link);
     return item;
+  }
+
+  // A link to the study in the PACS viewer; null without one. The server builds the URL
+  // from its configured template; only http(s) is ever turned into a link.
+  function viewerLink(url) {
+    if (typeof url !== "string" || !/^https?:\/\//i.test(url)) return null;
+    const link = document.createElement("a");
+    link.className = "viewer-link";
+    link.href = url;
+    link.target = "_blank";
+    link.rel = "noopener noreferrer";
+    link.textContent = "Open study in viewer";
+    return link;
   }
 
   function labelChips(labels) {
@@ -448,6 +464,8 @@
     el.detailLabels.replaceChildren(...labelChips(image.labels).children);
     const rows = [
       ["Study", image.study_ref],
+      ["PACS study", image.study_instance_uid],
+      ["Viewer", viewerLink(image.viewer_url)],
       ["View", image.view_position],
       ["Modality", image.modality],
       ["Format", image.source_format],
@@ -464,7 +482,8 @@
       const dt = document.createElement("dt");
       dt.textContent = name;
       const dd = document.createElement("dd");
-      dd.textContent = String(value);
+      if (value instanceof Node) dd.append(value);
+      else dd.textContent = String(value);
       el.detailMeta.append(dt, dd);
     }
     el.detailReport.textContent = image.report_text || "No report stored for this image.";

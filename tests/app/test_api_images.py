@@ -61,13 +61,16 @@ def test_upload_stores_derivative_files_rows_and_vectors(
     assert set(meta) == {
         "id", "content_hash", "source_format", "width", "height", "bits", "photometric",
         "view_position", "modality", "labels", "report_text", "study_ref", "thumbnail_url",
-        "created_at", "updated_at",
+        "study_instance_uid", "viewer_url", "created_at", "updated_at",
     }  # fmt: skip
     source = PILImage.open(io.BytesIO(data))
     assert meta["id"] == image_id
     assert meta["source_format"] == "png"
     assert (meta["width"], meta["height"]) == source.size
     assert meta["bits"] == 8
+    # An upload names no PACS study, so there is nothing to link to.
+    assert meta["study_instance_uid"] is None
+    assert meta["viewer_url"] is None
     assert meta["labels"] == {"No Finding": 1.0, "Pneumonia": 0.0}
     assert meta["report_text"] == "Heart size normal. Lungs clear."
     assert meta["study_ref"] == "study-0001"

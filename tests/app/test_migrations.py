@@ -28,9 +28,18 @@ from app.db import (
 from app.models import Base
 
 #: The newest revision: what a fresh database is upgraded to.
-HEAD = "0003"
+HEAD = "0004"
 
-APP_TABLES = {"images", "models", "embeddings", "evaluation_runs", "embedding_cache", "changes"}
+APP_TABLES = {
+    "images",
+    "models",
+    "embeddings",
+    "evaluation_runs",
+    "embedding_cache",
+    "changes",
+    "dicomweb_cursors",
+    "dicomweb_series",
+}
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -187,3 +188,54 @@ def test_importing_the_settings_module_reads_nothing(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_pacs_connector_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVIRT_DICOM_AE_TITLE", " RETRIEVAL ")
+    monkeypatch.setenv("CONVIRT_DICOM_PORT", "4242")
+    monkeypatch.setenv("CONVIRT_DICOM_CALLING_AES", "ORTHANC, MODALITY1,,")
+    monkeypatch.setenv("CONVIRT_DICOMWEB_TOKEN", "s3cret-bearer-token")
+    monkeypatch.setenv(
+        "CONVIRT_VIEWER_URL_TEMPLATE",
+        "http://pacs/stone-webviewer/index.html?study={study_instance_uid}",
+    )
+    settings = Settings()
+    assert settings.dicom_ae_title == "RETRIEVAL"
+    assert settings.dicom_port == 4242
+    assert settings.dicom_calling_aes == ["ORTHANC", "MODALITY1"]
+    assert not settings.dicom_accept_any_caller
+    assert settings.viewer_url("1.2.840.1") == (
+        "http://pacs/stone-webviewer/index.html?study=1.2.840.1"
+    )
+    assert settings.viewer_url(None) is None
+    assert "s3cret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("dicom_ae_title", ""),
+        ("dicom_ae_title", "SEVENTEEN-CHARS-X"),
+        ("dicom_ae_title", "BACK\\SLASH"),
+        ("dicom_calling_aes", "GOOD,TOO-LONG-CALLING-AE"),
+        ("viewer_url_template", "javascript:alert(1)//{study_instance_uid}"),
+        ("viewer_url_template", "http://pacs/?patient={patient_id}"),
+        ("viewer_url_template", "http://pacs/viewer"),
+        ("viewer_url_template", "http://pacs/?s={study_instance_uid:>99999999}"),
+        ("viewer_url_template", "http://pacs/?s={study_instance_uid.__class__}"),
+        ("viewer_url_template", "http://pacs/?s={study_instance_uid!r}"),
+        ("viewer_url_template", "http://pacs/?s={study_instance_uid"),
+    ],
+)
+def test_bad_pacs_connector_settings_are_refused(field: str, value: str) -> None:
+    given: dict[str, Any] = {field: value}
+    with pytest.raises(ValidationError):
+        Settings(**given)
+
+
+def test_dicomweb_auth_is_basic_or_bearer_never_both() -> None:
+    with pytest.raises(ValidationError, match="not both"):
+        Settings(dicomweb_token="t" * 20, dicomweb_username="u", dicomweb_password="p")
+    with pytest.raises(ValidationError, match="both a user name and a password"):
+        Settings(dicomweb_username="u")
+    assert Settings().viewer_url("1.2.3") is None

@@ -45,6 +45,8 @@ CHROMIUM_ARGS = (
     "--disable-component-update",
     "--disable-sync",
 )
+#: The PACS viewer the live service links studies to.
+VIEWER_URL_TEMPLATE = "http://pacs.test/viewer?study={study_instance_uid}"
 START_TIMEOUT_S = 120.0
 
 
@@ -125,7 +127,12 @@ def live_service(
     kermany_images: list[tuple[bytes, dict[str, float | None]]],
 ) -> Iterator[LiveService]:
     data_dir = tmp_path_factory.mktemp("live-data")
-    settings = Settings(data_dir=data_dir, api_keys=[API_KEY], log_level="WARNING")
+    settings = Settings(
+        data_dir=data_dir,
+        api_keys=[API_KEY],
+        log_level="WARNING",
+        viewer_url_template=VIEWER_URL_TEMPLATE,
+    )
     app = create_app(settings, bundle=bundle)
     # Port 0: the kernel picks a free port at bind time, so two runs never collide.
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", log_config=None)

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
-from tests.e2e.conftest import LiveService, screenshot_dir
+from app.models import Image
+from tests.e2e.conftest import VIEWER_URL_TEMPLATE, LiveService, screenshot_dir
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -322,4 +324,47 @@ def test_a_text_search_hides_the_findings_of_the_last_image(
         timeout=WAIT_MS,
     )
     assert page.locator("#findings").is_hidden()
+
+
+def test_pacs_studies_link_to_the_viewer(page: Any, live_service: LiveService) -> None:
+    # What a PACS connector records: the StudyInstanceUID of every Kermany image.
+    uids = {image_id: f"1.2.826.0.1.3680043.10.{image_id}" for image_id in live_service.kermany_ids}
+    engine = sa.create_engine(live_service.settings.database_url)
+    try:
+        with engine.begin() as conn:
+            for image_id, uid in uids.items():
+                conn.execute(
+                    sa.update(Image).where(Image.id == image_id).values(study_instance_uid=uid)
+                )
+    finally:
+        engine.dispose()
+
+    open_page(page, live_service, key=live_service.api_key)
+    page.get_by_label("Describe a finding").fill("pneumonia in a child")
+    page.get_by_role("button", name="Search", exact=True).click()
+    page.locator(".result-button").first.wait_for(timeout=WAIT_MS)
+    shown = result_ids(page)
+    linked = [image_id for image_id in shown if image_id in uids]
+    assert linked, "no Kermany radiograph among the hits"
+    for position, image_id in enumerate(shown):
+        links = page.locator(".result").nth(position).locator("a.viewer-link")
+        if image_id in uids:
+            expected = VIEWER_URL_TEMPLATE.format(study_instance_uid=uids[image_id])
+            assert links.get_attribute("href") == expected
+            assert links.get_attribute("rel") == "noopener noreferrer"
+        else:
+            # An uploaded study has no PACS UID: no link to a viewer.
+            assert links.count() == 0
+
+    page.screenshot(path=str(screenshot_dir() / "viewer-links.png"), full_page=True)
+    position = shown.index(linked[0])
+    page.locator(".result-button").nth(position).click()
+    dialog = page.get_by_role("dialog")
+    dialog.wait_for(state="visible", timeout=WAIT_MS)
+    assert uids[linked[0]] in dialog.locator("#detail-meta").inner_text()
+    detail_link = dialog.locator("#detail-meta a.viewer-link")
+    assert detail_link.get_attribute("href") == VIEWER_URL_TEMPLATE.format(
+        study_instance_uid=uids[linked[0]]
+    )
+    page.screenshot(path=str(screenshot_dir() / "viewer-link-detail.png"))
     assert page.errors == []
