@@ -34,6 +34,10 @@ def entrypoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Modu
     # As in the image: listening on every address, data in the volume.
     monkeypatch.setenv("CONVIRT_HOST", "0.0.0.0")
     monkeypatch.setenv("CONVIRT_DATA_DIR", str(tmp_path / "data"))
+    # main() exports the key it serves with for `convirt serve`: set and removed here so
+    # that the undo at teardown removes the one main() set, and later tests see none.
+    monkeypatch.setenv("CONVIRT_API_KEYS", "")
+    monkeypatch.delenv("CONVIRT_API_KEYS")
     spec = importlib.util.spec_from_file_location("convirt_entrypoint", ENTRYPOINT)
     assert spec is not None
     assert spec.loader is not None
