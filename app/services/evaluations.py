@@ -62,7 +62,7 @@ from model.evaluation.runner import (
     ProgressCallback,
     run_evaluation,
 )
-from model.evaluation.sampling import LabelledImage
+from model.evaluation.sampling import LabelledImage, manifest_images
 
 logger = logging.getLogger(__name__)
 
@@ -445,28 +445,37 @@ class EvaluationJobs:
             )
             return official, chexpert_root
         stored = request.protocol == "stored"
-        manifest: Path | None = None
-        if not stored:
-            if not request.manifest:
-                raise ProblemError(422, "invalid_request", "the manifest protocol needs a manifest")
-            manifest = confine(request.manifest, roots, "manifest")
         root = runtime.store.root if stored else None
+        images = self._stored_images(runtime.sessions) if stored else self._manifest(request, roots)
         protocol = assemble_protocol(
             request.protocol,
             root=root,
-            manifest=manifest,
-            images=self._stored_images(runtime.sessions) if stored else None,
+            images=images,
             categories=request.categories,
             text_queries=[
                 TextQuery(category=c, text=t, where=f"text query {i}")
                 for i, (c, t) in enumerate(request.text_queries, 1)
             ],
-            check=None if stored else lambda protocol: confined(protocol, None),
             candidates_per_category=request.candidates_per_category,
             queries_per_category=request.queries_per_category,
             seed=request.seed,
         )
         return protocol, root
+
+    @staticmethod
+    def _manifest(request: EvaluationRequest, roots: Sequence[Path]) -> list[LabelledImage]:
+        """The labelled images of the request's manifest, every one inside the roots.
+
+        An image's error names its manifest record, never its path or file name.
+        """
+        if not request.manifest:
+            raise ProblemError(422, "invalid_request", "the manifest protocol needs a manifest")
+        manifest = confine(request.manifest, roots, "manifest")
+        images = manifest_images(str(manifest))
+        confine_images(
+            ((image.path, f"manifest record {n}") for n, image in enumerate(images, 1)), None, roots
+        )
+        return images
 
     @staticmethod
     def _confined_classification(

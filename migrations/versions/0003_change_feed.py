@@ -24,6 +24,11 @@ depends_on: str | Sequence[str] | None = None
 BIG_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
+#: SQLite rebuilds a table for some batch changes: it keeps AUTOINCREMENT (revision 0002),
+#: so ids are never handed out twice.
+KEEP_AUTOINCREMENT: dict[str, object] = {"sqlite_autoincrement": True}
+
+
 def upgrade() -> None:
     op.create_table(
         "changes",
@@ -47,7 +52,7 @@ def upgrade() -> None:
 
 
     # Evaluation runs become jobs any worker process can claim, with a lease.
-    with op.batch_alter_table("evaluation_runs") as batch:
+    with op.batch_alter_table("evaluation_runs", table_kwargs=KEEP_AUTOINCREMENT) as batch:
         batch.add_column(
             sa.Column(
                 "worker",
@@ -70,7 +75,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("evaluation_runs") as batch:
+    with op.batch_alter_table("evaluation_runs", table_kwargs=KEEP_AUTOINCREMENT) as batch:
         batch.drop_column("attempts")
         batch.drop_column("lease_expires_at")
         batch.drop_column("worker")

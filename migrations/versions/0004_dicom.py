@@ -29,9 +29,14 @@ def _timestamp(name: str) -> sa.Column[object]:
     )
 
 
+#: SQLite rebuilds a table for some batch changes: it keeps AUTOINCREMENT (revision 0002),
+#: so ids are never handed out twice.
+KEEP_AUTOINCREMENT: dict[str, object] = {"sqlite_autoincrement": True}
+
+
 def upgrade() -> None:
     # batch mode: SQLite cannot add an indexed column to a table in place on every version.
-    with op.batch_alter_table("images") as batch:
+    with op.batch_alter_table("images", table_kwargs=KEEP_AUTOINCREMENT) as batch:
         batch.add_column(
             sa.Column(
                 "study_instance_uid",
@@ -71,6 +76,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("dicomweb_series")
     op.drop_table("dicomweb_cursors")
-    with op.batch_alter_table("images") as batch:
+    with op.batch_alter_table("images", table_kwargs=KEEP_AUTOINCREMENT) as batch:
         batch.drop_index(op.f("ix_images_study_instance_uid"))
         batch.drop_column("study_instance_uid")

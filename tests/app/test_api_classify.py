@@ -232,7 +232,6 @@ def test_classify_errors_are_typed_problems(client: TestClient) -> None:
     assert _stored_state(client) == before
 
 
-
 def _stored_state(client: TestClient) -> tuple[int, int, int]:
     """Images, indexed vectors and the feed position: what a stored change would move."""
     body = client.get("/ready").json()

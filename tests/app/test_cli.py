@@ -6,8 +6,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import signal
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path

@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from app.models import Embedding
 from app.services.provenance import DEMO_MODEL_NAME
+from app.services.runtime import Runtime
 from model.bundle import MANIFEST_FILE, EncoderBundle, export_bundle
 from model.importing import import_model
 from tests.app.service_support import (
@@ -104,7 +105,15 @@ def test_switching_from_convirt_to_an_imported_bundle_re_embeds(
     with running_app(make_settings(tmp_path / "data", url, bundle_dir), bundle) as client:
         assert upload(client, files).json()["created"] == len(files)
         assert runtime_of(client).index.dim == 512
-    with running_app(make_settings(tmp_path / "data", url, clip_bundle_dir), clip_bundle) as client:
+    clip_settings = make_settings(tmp_path / "data", url, clip_bundle_dir)
+    # Another model serves only after an explicit switch (convirt reindex), never by a
+    # process that happens to start with another bundle.
+    with running_app(clip_settings, clip_bundle) as client:
+        refused = client.get("/ready")
+        assert refused.status_code == 503
+        assert "model_not_active" in refused.json()["detail"]
+    Runtime.start(clip_settings, bundle=clip_bundle, reembed_all=True, switch_model=True).close()
+    with running_app(clip_settings, clip_bundle) as client:
         ready = client.get("/ready")
         assert ready.status_code == 200, ready.text
         assert ready.json()["model"]["name"] == "tiny-clip"
