@@ -89,7 +89,13 @@ def test_command_and_endpoint_give_identical_numbers(
     assert (out / figure).is_file()
 
     data_dir = tmp_path / "service"
-    settings = make_settings(data_dir, f"sqlite:///{data_dir / 'convirt.db'}", bundle_dir)
+    # The service reads evaluation inputs only under its evaluation roots.
+    settings = make_settings(
+        data_dir,
+        f"sqlite:///{data_dir / 'convirt.db'}",
+        bundle_dir,
+        evaluation_roots=[manifest.parent],
+    )
     with running_app(settings, bundle) as client:
         response = client.post(
             "/evaluations", json={"protocol": protocol, "manifest": str(manifest), **body}
@@ -113,7 +119,12 @@ def test_command_and_endpoint_give_identical_numbers(
 def test_bad_classification_requests_are_refused_at_once(
     manifest: Path, bundle_dir: Path, bundle: EncoderBundle, tmp_path: Path
 ) -> None:
-    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'convirt.db'}", bundle_dir)
+    settings = make_settings(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'convirt.db'}",
+        bundle_dir,
+        evaluation_roots=[manifest.parent, tmp_path],
+    )
     with running_app(settings, bundle) as client:
         is_problem(
             client.post(
