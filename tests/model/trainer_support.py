@@ -70,6 +70,10 @@ def tiny_config(
             "data.batch_size=8",
             "data.num_workers=0",
             "optim.lr=1e-3",
+            # The trainer's mechanics, not cpu-small's backbone-keeping recipe (a slower
+            # backbone, frozen batch-norm statistics), which the tiny towers do not need.
+            "optim.image_backbone_lr_scale=1.0",
+            "model.image.freeze_batchnorm=false",
             "optim.warmup_steps=2",
             "train.epochs=2",
             "train.progress=false",
