@@ -21,7 +21,7 @@ from app.api.problems import problem_responses
 from app.api.search import embed_upload, stored_query_vector
 from app.api.uploads import (
     field_problem,
-    inline_refs,
+    image_or_json_openapi,
     read_upload,
     require_content_type,
     validate_part,
@@ -98,28 +98,9 @@ def _public(result: Classification) -> ClassifyPublic:
 
 
 def _classify_openapi() -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                _JSON: {"schema": inline_refs(ClassifyCreate.model_json_schema())},
-                _MULTIPART: {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {
-                            "file": {
-                                "type": "string",
-                                "format": "binary",
-                                "description": "A DICOM, PNG or JPEG image (not stored).",
-                            },
-                            "prompt_set": {"type": "string", "maxLength": 64},
-                        },
-                    }
-                },
-            },
-        }
-    }
+    return image_or_json_openapi(
+        ClassifyCreate, {"prompt_set": {"type": "string", "maxLength": 64}}
+    )
 
 
 @router.get(

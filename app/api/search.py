@@ -18,6 +18,7 @@ from app.api.images import thumbnail_url
 from app.api.problems import problem_responses
 from app.api.uploads import (
     field_problem,
+    image_or_json_openapi,
     inline_refs,
     parse_json_field,
     read_upload,
@@ -136,37 +137,13 @@ async def search_text(
 
 def _image_search_openapi() -> dict[str, Any]:
     filters_schema = inline_refs(SearchFilters.model_json_schema())
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                _JSON: {"schema": inline_refs(ImageSearchCreate.model_json_schema())},
-                _MULTIPART: {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {
-                            "file": {
-                                "type": "string",
-                                "format": "binary",
-                                "description": "A DICOM, PNG or JPEG image (not stored).",
-                            },
-                            "k": {
-                                "type": "integer",
-                                "default": 10,
-                                "minimum": 1,
-                                "maximum": MAX_K,
-                            },
-                            "filters": {
-                                **filters_schema,
-                                "description": "SearchFilters as a JSON string.",
-                            },
-                        },
-                    }
-                },
-            },
-        }
-    }
+    return image_or_json_openapi(
+        ImageSearchCreate,
+        {
+            "k": {"type": "integer", "default": 10, "minimum": 1, "maximum": MAX_K},
+            "filters": {**filters_schema, "description": "SearchFilters as a JSON string."},
+        },
+    )
 
 
 @router.post(

@@ -171,6 +171,35 @@ def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
     return inlined
 
 
+def image_or_json_openapi(
+    json_model: type[BaseModel], form_fields: dict[str, Any]
+) -> dict[str, Any]:
+    """``openapi_extra`` of a route that takes either JSON (``json_model``) or a multipart
+    form with an image ``file`` and the text ``form_fields`` (name → JSON schema)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": inline_refs(json_model.model_json_schema())},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "A DICOM, PNG or JPEG image (not stored).",
+                            },
+                            **form_fields,
+                        },
+                    }
+                },
+            },
+        }
+    }
+
+
 def validate_part(model: type[BaseModel], data: Any, loc_prefix: tuple[str, ...]) -> Any:
     """``model`` validated from ``data``; errors located under ``loc_prefix`` (a 422)."""
     try:
