@@ -33,8 +33,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,7 +53,10 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-DEFAULT_DATA = Path("/work/demo-base/data")
+from tests.benchmarks.bench_service import free_port, serve_with_env, stop_server  # noqa: E402
+
+#: What `make demo` leaves: its data directory (copied, never written).
+DEFAULT_DATA = Path("data")
 TEXT_QUERY = "small left pleural effusion with blunting of the costophrenic angle"
 MIB = 1024 * 1024
 SAMPLE_S = 0.005
@@ -142,15 +143,8 @@ class Tally:
         return total - busy, busy
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def start_server(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "CONVIRT_DATA_DIR": str(data_dir),
@@ -159,36 +153,7 @@ def start_server(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen[bytes
         "TRANSFORMERS_OFFLINE": "1",
     }
     env.pop("CONVIRT_DATABASE_URL", None)
-    log = log_path.open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=log,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited: {log_path.read_text(errors='replace')[-4000:]}")
-        try:
-            if httpx.get(f"{base}/ready", timeout=5).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit("server did not become ready")
-
-
-def stop_server(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    return serve_with_env(env, port, log_path)
 
 
 def _p99(samples: list[float]) -> float:

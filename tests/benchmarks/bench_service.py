@@ -192,7 +192,7 @@ def fill_database(settings: Settings, bundle: EncoderBundle, count: int, seed: i
     return time.perf_counter() - started
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -200,7 +200,7 @@ def _free_port() -> int:
 
 
 def start_server(settings: Settings, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "CONVIRT_DATA_DIR": str(settings.data_dir),
@@ -209,6 +209,13 @@ def start_server(settings: Settings, log_path: Path) -> tuple[subprocess.Popen[b
         "CONVIRT_LOG_LEVEL": "WARNING",
         "CONVIRT_ENCODE_CONCURRENCY": str(settings.encode_concurrency),
     }
+    return serve_with_env(env, port, log_path)
+
+
+def serve_with_env(
+    env: dict[str, str], port: int, log_path: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``convirt serve`` on 127.0.0.1:``port`` with ``env``; returns once /ready is 200."""
     log = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
