@@ -2,9 +2,10 @@
 
     docker run IMAGE                  # same as `serve`
     docker run IMAGE serve            # wait for the database, migrate, demo if needed, serve
+    docker run IMAGE init             # the same preparation, then exit 0 (compose `init`)
     docker run IMAGE ingest /data/x   # any other word: that `convirt` command, run as is
 
-``serve`` runs, in order:
+``serve`` runs, in order (``init`` steps 0-3 and exits):
 
 0. on a start with neither ``CONVIRT_API_KEYS`` nor ``CONVIRT_ALLOW_ANONYMOUS=true``, use
    the key kept in the data volume (``{data_dir}/api-key``, mode 0600), generating it on
@@ -24,6 +25,10 @@
    ``--max-steps`` (a smaller, faster demo for tests); unset, its defaults apply;
 4. ``exec convirt serve``: the server replaces this process, so it is PID 1 and receives
    ``docker stop``'s SIGTERM itself.
+
+With ``CONVIRT_INIT=0``, ``serve`` skips steps 2 and 3: the compose stack's one-shot
+``init`` service has run them before any replica starts, so N replicas do not each check
+the demo, and a replica restarted after a crash serves again in seconds.
 
 While a step runs as a child process, SIGTERM and SIGINT are passed on to it (PID 1 has
 no default signal handling, so without this ``docker stop`` would wait for its timeout).
@@ -272,10 +277,18 @@ def wants_demo(settings: Settings) -> bool:
     return True
 
 
-def prepare(settings: Settings) -> None:
-    """Steps 1-3 of the module docstring: database, migrations, demo bundle."""
+def init_enabled() -> bool:
+    """``CONVIRT_INIT``: anything but 0/false/no/off (default on); see the module docstring."""
+    return os.environ.get("CONVIRT_INIT", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def prepare(settings: Settings, *, initialise: bool = True) -> None:
+    """Steps 1-3 of the module docstring: database, then (``initialise``) migrations and demo."""
     if not settings.is_sqlite:
         wait_for_database(settings.database_url, _env_float("CONVIRT_DB_WAIT_S", DEFAULT_DB_WAIT_S))
+    if not initialise:
+        logger.info("CONVIRT_INIT=0: migrations and demo are left to the init service")
+        return
     run_step(["db", "upgrade"])
     if wants_demo(settings):
         run_step(["demo", "--no-serve", "--no-progress", *demo_arguments()])
@@ -286,9 +299,10 @@ def _exit_on_signal(signum: int, _frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    """Serve (``argv`` empty or ``serve ...``) or run another ``convirt`` command."""
+    """Serve (``argv`` empty or ``serve ...``), prepare (``init``) or run another command."""
     configure_logging(logging.INFO)
-    if argv and argv[0] != "serve":
+    command = argv[0] if argv else "serve"
+    if command not in ("serve", "init"):
         os.execv(CONVIRT[0], [*CONVIRT, *argv])
     # As PID 1 a signal without a handler is ignored: make `docker stop` end the wait at once.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -311,14 +325,17 @@ def main(argv: Sequence[str]) -> int:
     if settings is None:
         return 2
     try:
-        prepare(settings)
+        prepare(settings, initialise=command == "init" or init_enabled())
     except StepInterruptedError as exc:
         logger.warning("%s; the next start continues from there", exc)
         return 128 + exc.signum
     except EntrypointError as exc:
         logger.error("start-up failed (%s): %s", exc.code, exc)
         return 1
-    serve_args = list(argv[1:]) if argv else []
+    if command == "init":
+        logger.info("data volume and database prepared")
+        return 0
+    serve_args = list(argv[1:])
     logger.info("starting the service on %s:%d", settings.host, settings.port)
     os.execv(CONVIRT[0], [*CONVIRT, "serve", *serve_args])
     return 0  # not reached: execv replaces the process

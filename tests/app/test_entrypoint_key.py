@@ -47,18 +47,23 @@ def entrypoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Modu
     sys.modules.pop("convirt_entrypoint", None)
 
 
-def _run_main(entrypoint: ModuleType, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Run ``main(["serve"])`` up to its exec of ``convirt serve``; what it would exec."""
+def _run_main(
+    entrypoint: ModuleType, monkeypatch: pytest.MonkeyPatch, command: str = "serve"
+) -> dict[str, Any]:
+    """Run ``main([command])`` up to its exec of ``convirt serve``; what it would exec."""
     seen: dict[str, Any] = {}
 
     def fake_execv(path: str, argv: list[str]) -> None:
         seen.update(argv=argv, keys=os.environ.get("CONVIRT_API_KEYS"))
 
-    monkeypatch.setattr(entrypoint, "prepare", lambda settings: seen.update(settings=settings))
+    def fake_prepare(settings: Settings, *, initialise: bool = True) -> None:
+        seen.update(settings=settings, initialise=initialise)
+
+    monkeypatch.setattr(entrypoint, "prepare", fake_prepare)
     # main() installs PID 1's signal handlers: not in the test process.
     monkeypatch.setattr(entrypoint.signal, "signal", lambda signum, handler: None)
     monkeypatch.setattr(entrypoint.os, "execv", fake_execv)
-    seen["status"] = entrypoint.main(["serve"])
+    seen["status"] = entrypoint.main([command])
     return seen
 
 
@@ -129,3 +134,41 @@ def test_a_broken_key_file_stops_the_start(
     seen = _run_main(entrypoint, monkeypatch)
     assert seen["status"] == 1
     assert "argv" not in seen  # never served
+
+
+# --- init and serve: who migrates and builds the demo -----------------------------------------
+
+
+def test_init_prepares_then_exits_without_serving(
+    entrypoint: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen = _run_main(entrypoint, monkeypatch, "init")
+    assert seen["status"] == 0
+    assert seen["initialise"] is True
+    assert "argv" not in seen
+    # The key the replicas will read is on the volume once init has run.
+    assert (tmp_path / "data" / "api-key").exists()
+
+
+def test_replicas_after_init_only_wait_for_the_database(
+    entrypoint: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CONVIRT_INIT", "0")
+    seen = _run_main(entrypoint, monkeypatch)
+    assert seen["initialise"] is False
+    assert seen["argv"][-1] == "serve"
+    # `init` prepares whatever CONVIRT_INIT says: it is the service that does it.
+    assert _run_main(entrypoint, monkeypatch, "init")["initialise"] is True
+
+
+def test_prepare_without_initialise_runs_no_step(
+    entrypoint: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    steps: list[list[str]] = []
+    monkeypatch.setattr(entrypoint, "run_step", lambda argv: steps.append(list(argv)))
+    monkeypatch.setenv("CONVIRT_DEMO", "0")
+    settings = Settings(data_dir=tmp_path / "data")
+    entrypoint.prepare(settings, initialise=False)
+    assert steps == []
+    entrypoint.prepare(settings, initialise=True)
+    assert steps == [["db", "upgrade"]]
