@@ -36,6 +36,8 @@ K: Final = 5
 REQUEST_TIMEOUT_S: Final = 120.0
 UPLOAD_REPORT: Final = "Harness upload. Lungs are clear. No pleural effusion or pneumothorax."
 UPLOAD_STUDY_REF: Final = "compose-harness-1"
+#: How long a change made through one replica may take to reach another (the feed's lag).
+SETTLE_S: Final = 3.0
 
 
 class CheckFailedError(Exception):
@@ -166,15 +168,28 @@ def upload(base: str, key: str, data: bytes) -> dict[str, Any]:
     return result
 
 
-def ready(base: str) -> dict[str, Any]:
-    resp = request("GET", f"{base}/ready")
-    expect_status(resp, 200, "GET /ready")
-    state: dict[str, Any] = resp.json()
-    expect(
-        state["images"] == state["index_vectors"],
-        f"/ready: {state['images']} images but {state['index_vectors']} index vectors",
-    )
-    return state
+def ready(base: str, images: int | None = None) -> dict[str, Any]:
+    """``/ready`` once its index holds every stored image (and ``images`` of them, if given).
+
+    Behind the proxy each answer may come from another replica, and a replica applies a
+    change made through another one within the feed's lag: so the check is retried for
+    ``SETTLE_S`` before it fails.
+    """
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        resp = request("GET", f"{base}/ready")
+        expect_status(resp, 200, "GET /ready")
+        state: dict[str, Any] = resp.json()
+        settled = state["images"] == state["index_vectors"]
+        if settled and (images is None or state["images"] == images):
+            return state
+        if time.monotonic() >= deadline:
+            expect(
+                settled,
+                f"/ready: {state['images']} images but {state['index_vectors']} index vectors",
+            )
+            expect(False, f"/ready: {state['images']} images, expected {images}")
+        time.sleep(0.2)
 
 
 def text_search(base: str, key: str, model_id: str, expected_hits: int) -> list[int]:
@@ -235,14 +250,16 @@ def exercise(base: str, key: str, state_path: Path) -> dict[str, Any]:
     expect(result["content_hash"] == content_hash, f"upload hash mismatch: {result}")
     image_id = int(result["id"])
 
-    after = ready(base)
-    expect(
-        after["images"] == before["images"] + 1,
-        f"/ready images {before['images']} -> {after['images']} after one upload",
-    )
+    after = ready(base, images=before["images"] + 1)
     hits = text_search(base, key, after["model_id"], min(K, after["images"]))
 
-    by_image = post_json(f"{base}/search/image", {"image_id": image_id, "k": 3}, key=key)
+    # Every replica answers for the new image once it has applied the upload.
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        by_image = post_json(f"{base}/search/image", {"image_id": image_id, "k": 3}, key=key)
+        if by_image.status == 200 or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
     expect_status(by_image, 200, "POST /search/image (stored id)")
     image_hits = [h["image_id"] for h in by_image.json()["hits"]]
     expect(image_id not in image_hits, f"the query image is among its own hits: {image_hits}")
@@ -262,9 +279,8 @@ def exercise(base: str, key: str, state_path: Path) -> dict[str, Any]:
 def verify(base: str, key: str, state_path: Path) -> dict[str, Any]:
     """After down + up: the model, the rows, the files and the index came back."""
     state = json.loads(state_path.read_text())
-    now = ready(base)
+    now = ready(base, images=state["images"])
     expect(now["model_id"] == state["model_id"], f"model changed: {now} vs {state}")
-    expect(now["images"] == state["images"], f"image count changed: {now} vs {state}")
 
     image_id = state["image_id"]
     resp = request("GET", f"{base}/images/{image_id}", key=key)

@@ -1,10 +1,13 @@
 """The compose stack, built and run for real: ``docker/harness.sh``.
 
-The harness builds the local base, PostgreSQL and service images, starts the stack with
-``docker-compose up``, uploads an image and searches through the API, restarts the stack
-with ``down`` + ``up`` and checks that the data survived on the volumes, then tears it all
-down. It needs a usable Docker daemon (``docker info``): without one the test is skipped,
-except on CI (``CI=true``), where that is a failure. ``.ci/run`` installs and starts Docker.
+The harness builds the local base, PostgreSQL, nginx, Orthanc and service images and starts
+the stack with two API replicas behind the proxy. Through the proxy it follows a study
+stored in Orthanc, uploads and searches; it checks each replica directly for a change made
+through the other, kills one replica during a search loop (counting the failed requests)
+and restarts it; then it restarts the whole stack with ``down`` + ``up``, checks that the
+data survived on the volumes, and tears it all down. It needs a usable Docker daemon
+(``docker info``): without one the test is skipped, except on CI (``CI=true``), where that
+is a failure. ``.ci/run`` installs and starts Docker.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def _docker_unusable_reason() -> str | None:
 @pytest.mark.docker
 @pytest.mark.slow
 @pytest.mark.timeout(HARNESS_TIMEOUT_S + 120)
-def test_compose_stack_serves_and_keeps_data_across_restart() -> None:
+def test_compose_stack_behind_its_proxy_survives_a_replica_and_a_restart() -> None:
     reason = _docker_unusable_reason()
     if reason is not None:
         missing_tool(f"Docker: {reason}")
@@ -88,7 +91,20 @@ def test_compose_stack_serves_and_keeps_data_across_restart() -> None:
     assert summary["harness"] == "ok"
     # The second start reuses the volume's bundle and corpus instead of training again.
     assert summary["second_up_ready_s"] < summary["first_up_ready_s"]
-    for name in ("base", "postgres", "api"):
+    for name in ("base", "postgres", "proxy", "api"):
         assert summary["image_bytes"][name] > 0
+    # Two replicas behind the proxy, each searchable on its own within the feed's 2 s.
+    assert summary["replicas"] == 2
+    propagation = summary["propagation"]
+    for lags in (propagation["add_lag_s"], propagation["delete_lag_s"]):
+        assert len(lags) == 2
+        assert all(lag <= 2.0 for lag in lags.values())
+    # Killing a replica fails at most the requests it was answering; search goes on.
+    failover = summary["failover"]
+    assert failover["failed_not_in_flight"] == 0
+    assert failover["failed"] <= failover["in_flight_at_kill"]
+    assert failover["ok_after_kill"] == failover["requests_after_kill"] > 0
+    # The Orthanc profile's follower made a study stored in the PACS searchable.
+    assert summary["pacs"]["image_id"] > 0
     # A CUDA torch (what a plain `pip install torch` brings) would add several GB.
     assert summary["image_bytes"]["api"] < 2_500_000_000
