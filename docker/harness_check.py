@@ -6,23 +6,25 @@ Standard library only: it runs on the host with whatever ``python3`` is there.
     python3 docker/harness_check.py exercise URL KEY STATE.json   # first start
     python3 docker/harness_check.py verify   URL KEY STATE.json   # after down + up
 
-``exercise`` checks authentication, uploads one image (a PNG drawn here, so its bytes are
-new to the demo corpus), searches by text and by the stored image, and writes what a
-restart must preserve to STATE.json. ``verify`` checks that the restarted stack still has
-it: same model, same image count, the upload with its hash and thumbnail, the same text
-hits, and a re-upload of the same bytes deduplicated to the same id. Any failed check
-exits with status 1 and a one-line reason on stderr.
+``exercise`` checks authentication and the refusal of an oversized body, uploads one image
+(a PNG drawn here, so its bytes are new to the demo corpus), searches by text and by the
+stored image, and writes what a restart must preserve to STATE.json. ``verify`` checks
+that the restarted stack still has it: same model, same image count, the upload with its
+hash and thumbnail, the same text hits, and a re-upload of the same bytes deduplicated to
+the same id. Any failed check exits with status 1 and a one-line reason on stderr.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import struct
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 import zlib
@@ -225,6 +227,34 @@ def wait_ready(base: str, timeout_s: float) -> None:
     raise CheckFailedError(f"/ready did not answer 200 within {timeout_s:.0f} s; last: {last}")
 
 
+def oversized_upload(base: str, key: str) -> None:
+    """A body announced larger than any upload limit: refused at once, as a problem document.
+
+    Only the headers and a few bytes are sent: the refusal must come from the
+    Content-Length alone (through the proxy, from its client_max_body_size), before the
+    body is read.
+    """
+    url = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
+    try:
+        conn.putrequest("POST", "/images")
+        conn.putheader("X-API-Key", key)
+        conn.putheader("Content-Type", "multipart/form-data; boundary=x")
+        conn.putheader("Content-Length", str(1 << 40))
+        conn.endheaders(b"--x\r\n")
+        resp = conn.getresponse()
+        body = resp.read()
+        content_type = resp.getheader("Content-Type", "")
+    finally:
+        conn.close()
+    expect(resp.status == 413, f"a 1 TiB upload: expected HTTP 413, got {resp.status}")
+    expect(
+        content_type.startswith("application/problem+json"),
+        f"413 is not a problem document: {content_type} {body[:200]!r}",
+    )
+    expect(json.loads(body).get("code") == "payload_too_large", f"413 body: {body[:300]!r}")
+
+
 def exercise(base: str, key: str, state_path: Path) -> dict[str, Any]:
     """First start: auth, upload, searches; the facts a restart must keep go to ``state_path``."""
     expect_status(request("GET", f"{base}/health"), 200, "GET /health")
@@ -242,6 +272,8 @@ def exercise(base: str, key: str, state_path: Path) -> dict[str, Any]:
         401,
         "POST /search/text with a wrong key",
     )
+
+    oversized_upload(base, key)
 
     data = png_image()
     content_hash = hashlib.sha256(data).hexdigest()
