@@ -38,12 +38,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.errors import ProblemError
 from app.models import (
     DICOM_UID_CHARS,
     MODALITY_CHARS,
     STUDY_REF_CHARS,
     VIEW_POSITION_CHARS,
     Embedding,
+    EncoderModel,
     Image,
 )
 from app.services import feed
@@ -62,6 +64,27 @@ Outcome = Literal["created", "existing", "failed"]
 #: Most files decoded, embedded and stored together: a 64-file upload is processed in
 #: steps of this many, so it never holds every decoded image at once.
 INGEST_BATCH = 8
+#: Seconds a client refused for a model switch is told to wait: the service loads the
+#: new bundle within its maintenance round.
+SWITCH_RETRY_AFTER_S = 10
+
+
+class ModelSwitchedError(ProblemError):
+    """This process embeds with a model that is no longer the active one.
+
+    Its vectors would be of the old model: the images would be stored but missing from
+    the active model's index. Nothing is stored; the client retries once the process has
+    loaded the active model's bundle (``/ready`` says ``model_switched`` until then).
+    """
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__(
+            503,
+            "model_switched",
+            f"model {model_id} is no longer the active model; nothing was stored. Retry "
+            "once the service serves the active model (GET /ready)",
+            headers={"Retry-After": str(SWITCH_RETRY_AFTER_S)},
+        )
 
 
 def _clip(value: str | None, limit: int) -> str | None:
@@ -259,6 +282,14 @@ class IngestService:
             # Last before the commit: the feed's lock is held from here to the commit.
             session.flush()
             feed.record_adds(session, model_id, ids)
+            # Under that lock a switch to another model (which records itself in the feed)
+            # has either committed, and this refuses, or commits after these images, which
+            # the switch's final embedding pass then covers (reconcile.reconcile).
+            active = session.scalar(
+                select(EncoderModel.is_active).where(EncoderModel.id == model_id)
+            )
+            if active is False:
+                raise ModelSwitchedError(model_id)
         return [
             IngestResult("created", image_id, it.content_hash)
             for image_id, it in zip(ids, items, strict=True)

@@ -368,8 +368,18 @@ def reconcile(
             "%d stored images have no readable PNG and stay out of the index",
             len(report.unembeddable),
         )
-    if switch_model:
-        activate_model(sessions, bundle.model_id)
+    if switch_model and activate_model(sessions, bundle.model_id):
+        # Images stored by processes of the old model after the pass above and before the
+        # switch committed have no vector of this model yet; after it, those processes'
+        # stores are refused (ingest.ModelSwitchedError), so one more pass completes it.
+        late = embed_images(
+            sessions, bundle, store, only_missing=True, report=report, progress=progress
+        )
+        if late:
+            logger.info("embedded %d images stored during the switch", late)
+        report.embedded += late
+        # The second pass meets the unreadable images of the first again.
+        report.unembeddable = sorted(set(report.unembeddable))
     if reembed_all:
         index, report.sequence = rebuild_index(
             sessions, model_id=bundle.model_id, dim=bundle.dim, factory=factory
