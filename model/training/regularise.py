@@ -35,6 +35,11 @@ def backbone_param_groups(module: EncoderModel, optim: OptimConfig) -> list[dict
     optimizer state of older checkpoints still loads when their runs are resumed.
     """
     backbone = image_backbone(module)
+    if backbone is not None and optim.image_backbone_lr_scale == 0.0:
+        # Never to move: no gradients at all, so no backward pass through the backbone
+        # (a CPU step is that much cheaper), and no optimizer state for it.
+        backbone.requires_grad_(False)
+        logger.info("image backbone: frozen (learning rate x0)")
     mine = {id(p) for p in backbone.parameters()} if backbone is not None else set()
     trainable = [p for p in module.parameters() if p.requires_grad]
     heads = [p for p in trainable if id(p) not in mine]

@@ -81,6 +81,30 @@ def test_frozen_steps_hold_the_backbone_while_the_heads_learn(
         trainer.close()
 
 
+def test_a_zero_rate_freezes_the_backbone_without_gradients(
+    corpus: Path, towers: tuple[Path, Path], tmp_path: Path
+) -> None:
+    config = tiny_config(
+        corpus, tmp_path / "run", towers, "optim.warmup_steps=0", "optim.image_backbone_lr_scale=0"
+    )
+    trainer = Trainer(config)
+    try:
+        assert isinstance(trainer.module, ConVIRT)
+        backbone = trainer.module.image_encoder
+        heads = trainer.module.image_projection
+        start_backbone = {k: v.detach().clone() for k, v in backbone.named_parameters()}
+        start_heads = _snapshot(heads)
+        _steps(trainer, 2)
+        # No gradient is even computed for it, and the optimizer does not hold it.
+        assert all(not p.requires_grad and p.grad is None for p in backbone.parameters())
+        held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+        assert not held & {id(p) for p in backbone.parameters()}
+        assert _moved(start_backbone, backbone) == 0.0
+        assert _moved(start_heads, heads) > 0.0
+    finally:
+        trainer.close()
+
+
 def test_l2sp_pulls_towards_the_initial_weights(
     corpus: Path, towers: tuple[Path, Path], tmp_path: Path
 ) -> None:
