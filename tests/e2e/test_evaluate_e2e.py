@@ -47,6 +47,9 @@ TRAINING = (
     "data.num_workers=0",
     "optim.lr=1e-3",
     "optim.warmup_steps=5",
+    # A backbone that learns (cpu-small keeps it frozen): the evaluation's ImageNet
+    # baseline must then differ from the bundle's own features.
+    "optim.image_backbone_lr_scale=0.1",
     "train.epochs=1000",
     f"train.max_steps={TRAIN_STEPS}",
     "train.early_stopping_patience=1000",
