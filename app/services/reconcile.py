@@ -22,6 +22,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 from sqlalchemy import exists, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import AppError
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 REBUILD_BATCH: Final = 4096
 #: Images embedded per forward pass when filling in missing embeddings.
 EMBED_BATCH: Final = 32
+#: Tries to register a model row that concurrent processes may be inserting too.
+REGISTER_ATTEMPTS: Final = 3
 
 ProgressCallback = Callable[[int], None]
 
@@ -75,6 +78,27 @@ def register_model(
     without it :class:`ModelNotActiveError` is raised, because a process starting with an
     old bundle must not switch every other process back.
     """
+    for attempt in range(REGISTER_ATTEMPTS):
+        try:
+            active, created = _insert_model(sessions, bundle, switch=switch)
+            break
+        except IntegrityError:
+            # Another process (a second worker starting on a fresh database) inserted
+            # the same row first: the next attempt finds it.
+            if attempt == REGISTER_ATTEMPTS - 1:
+                raise
+            logger.info("model %s was registered concurrently; reading it", bundle.model_id)
+    if created:
+        logger.info("registered model %s (dim %d)", bundle.model_id, bundle.dim)
+    if active is None or active == bundle.model_id:
+        activate_model(sessions, bundle.model_id)
+    return created
+
+
+def _insert_model(
+    sessions: sessionmaker[Session], bundle: EncoderBundle, *, switch: bool
+) -> tuple[str | None, bool]:
+    """One attempt of :func:`register_model`: (the active model id, whether the row is new)."""
     with sessions() as session, session.begin():
         active = session.scalar(select(EncoderModel.id).where(EncoderModel.is_active))
         if active is not None and active != bundle.model_id and not switch:
@@ -82,24 +106,19 @@ def register_model(
                 f"the active model is {active}, not this bundle's {bundle.model_id}: "
                 "run `convirt reindex` with this bundle to switch to it"
             )
-        row = session.get(EncoderModel, bundle.model_id)
-        created = row is None
-        if row is None:
-            name = bundle.name or bundle.model_id[:19]
-            session.add(
-                EncoderModel(
-                    id=bundle.model_id,
-                    name=name[:200],
-                    dim=bundle.dim,
-                    config=dict(bundle.config),
-                    is_active=False,
-                )
+        if session.get(EncoderModel, bundle.model_id) is not None:
+            return active, False
+        name = bundle.name or bundle.model_id[:19]
+        session.add(
+            EncoderModel(
+                id=bundle.model_id,
+                name=name[:200],
+                dim=bundle.dim,
+                config=dict(bundle.config),
+                is_active=False,
             )
-    if created:
-        logger.info("registered model %s (dim %d)", bundle.model_id, bundle.dim)
-    if active is None or active == bundle.model_id:
-        activate_model(sessions, bundle.model_id)
-    return created
+        )
+    return active, True
 
 
 def activate_model(sessions: sessionmaker[Session], model_id: str) -> bool:

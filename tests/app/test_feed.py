@@ -13,14 +13,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
 from app.db import create_engine_for_url, session_factory, upgrade_database
 from app.models import Change, EncoderModel, Image
-from app.services import feed
+from app.services import feed, reconcile
 from app.services.snapshot import FEED_POSITION_NAME
 from app.settings import Settings
 from model.bundle import EncoderBundle
@@ -272,3 +275,33 @@ def test_feed_records_hold_no_vector_and_replay_is_harmless(
         np.testing.assert_array_equal(runtime.index.ids(), before)
         assert sorted(ids) == before.tolist()
         assert not runtime.index.stale_reason
+
+
+def test_two_processes_registering_one_model_both_start(
+    database_url: str, bundle: EncoderBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers of `convirt serve --workers 2` on a fresh database insert the same model
+    row: the one that loses the race reads the winner's row instead of failing to start."""
+    upgrade_database(database_url)
+    engine = create_engine_for_url(database_url)
+    sessions = session_factory(engine)
+    try:
+        assert reconcile.register_model(sessions, bundle) is True
+        # The other process looked before the first one committed: it did not see the row.
+        real_get = Session.get
+        blind = [True]
+
+        def get_once_blind(self: Session, entity: Any, ident: Any, **kwargs: Any) -> Any:
+            if blind and entity is EncoderModel:
+                blind.clear()
+                return None
+            return real_get(self, entity, ident, **kwargs)
+
+        monkeypatch.setattr(Session, "get", get_once_blind)
+        assert reconcile.register_model(sessions, bundle) is False
+        assert not blind
+        with sessions() as session:
+            rows = session.scalars(select(EncoderModel)).all()
+        assert [(row.id, row.is_active) for row in rows] == [(bundle.model_id, True)]
+    finally:
+        engine.dispose()

@@ -158,7 +158,14 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
 
 
 def test_real_process_group_of_two_matches_the_global_batch(tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    try:
+        mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    except mp.ProcessExitedException:
+        # Now and then gloo still aborts a process while tearing down, after the barrier
+        # (so after both ranks saved their results): those results are what is checked
+        # here. A rank that died before saving fails the test.
+        if not all((tmp_path / f"rank{r}.pt").exists() for r in range(2)):
+            raise
     images, texts = _embeddings(8, 6, seed=7)
     global_loss = ConVIRTLoss()(images, texts)
     global_grads = torch.autograd.grad(global_loss, [images, texts])
