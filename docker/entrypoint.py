@@ -166,9 +166,14 @@ def volume_api_key(settings: Settings) -> str | None:
     return key
 
 
+def _env_flag(name: str) -> bool:
+    """A switch variable: on unless it is 0/false/no/off (unset: on)."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def demo_enabled() -> bool:
-    """``CONVIRT_DEMO``: anything but 0/false/no/off (default on)."""
-    return os.environ.get("CONVIRT_DEMO", "1").strip().lower() not in ("0", "false", "no", "off")
+    """``CONVIRT_DEMO`` (default on)."""
+    return _env_flag("CONVIRT_DEMO")
 
 
 def demo_arguments() -> list[str]:
@@ -278,8 +283,8 @@ def wants_demo(settings: Settings) -> bool:
 
 
 def init_enabled() -> bool:
-    """``CONVIRT_INIT``: anything but 0/false/no/off (default on); see the module docstring."""
-    return os.environ.get("CONVIRT_INIT", "1").strip().lower() not in ("0", "false", "no", "off")
+    """``CONVIRT_INIT`` (default on); see the module docstring."""
+    return _env_flag("CONVIRT_INIT")
 
 
 def prepare(settings: Settings, *, initialise: bool = True) -> None:

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -92,6 +93,18 @@ class Watcher:
             self.process.kill()
         self.process.wait(timeout=10)
 
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def watch_once(container: str, *args: str) -> dict[str, Any]:
+    """Run one watcher in ``container`` to its first answer."""
+    with Watcher(container, *args) as watcher:
+        return watcher.line()
+
 
 def upload_png(base: str, key: str, size: int, ref: str) -> int:
     """Upload a new PNG (its bytes depend on ``size``) through ``base``; its image id."""
@@ -128,24 +141,23 @@ def _lags(
 def propagation(base: str, key: str, containers: list[str]) -> dict[str, Any]:
     """An upload and a delete through the proxy, seen by each replica within MAX_LAG_S."""
     timeout = str(WATCH_TIMEOUT_S)
-    watchers = [Watcher(c, "added", REPLICA_URL, key, timeout) for c in containers]
-    try:
+    with ExitStack() as stack:
+        watchers = [
+            stack.enter_context(Watcher(c, "added", REPLICA_URL, key, timeout)) for c in containers
+        ]
         for watcher in watchers:
             watcher.line()  # {"ready": true}: its baseline is taken
         image_id = upload_png(base, key, 224, "harness-replicas")
         added = _lags(watchers, time.time(), image_id, "the upload")
-    finally:
-        for watcher in watchers:
-            watcher.close()
-    watchers = [Watcher(c, "gone", REPLICA_URL, key, str(image_id), timeout) for c in containers]
-    try:
+    with ExitStack() as stack:
+        watchers = [
+            stack.enter_context(Watcher(c, "gone", REPLICA_URL, key, str(image_id), timeout))
+            for c in containers
+        ]
         for watcher in watchers:
             watcher.line()
         delete_image(base, key, image_id)
         deleted = _lags(watchers, time.time(), image_id, "the delete")
-    finally:
-        for watcher in watchers:
-            watcher.close()
     return {"replicas": len(containers), "add_lag_s": added, "delete_lag_s": deleted}
 
 
@@ -218,24 +230,13 @@ def failover(
 def catch_up(base: str, key: str, container: str, image_id: int) -> dict[str, Any]:
     """The restarted replica has the outage's upload, no lag, and follows its delete."""
     timeout = str(WATCH_TIMEOUT_S)
-    has = Watcher(container, "has", REPLICA_URL, key, str(image_id), timeout)
-    try:
-        has.line()
-    finally:
-        has.close()
-    state_watch = Watcher(container, "ready", REPLICA_URL, key)
-    try:
-        state = state_watch.line()
-    finally:
-        state_watch.close()
+    watch_once(container, "has", REPLICA_URL, key, str(image_id), timeout)
+    state = watch_once(container, "ready", REPLICA_URL, key)
     expect(state.get("feed_lag_changes") == 0, f"restarted replica still lags: {state}")
-    gone = Watcher(container, "gone", REPLICA_URL, key, str(image_id), timeout)
-    try:
+    with Watcher(container, "gone", REPLICA_URL, key, str(image_id), timeout) as gone:
         gone.line()
         delete_image(base, key, image_id)
         lag = _lags([gone], time.time(), image_id, "the delete after the restart")
-    finally:
-        gone.close()
     return {"images": state.get("images"), "delete_lag_s": lag}
 
 
