@@ -67,6 +67,9 @@ INGEST_BATCH = 8
 #: Seconds a client refused for a model switch is told to wait: the service loads the
 #: new bundle within its maintenance round.
 SWITCH_RETRY_AFTER_S = 10
+#: The problem type of an upload refused for a model switch, and ``/ready``'s reason
+#: while this process still serves the old model: one word for one state.
+MODEL_SWITCHED = "model_switched"
 
 
 class ModelSwitchedError(ProblemError):
@@ -80,7 +83,7 @@ class ModelSwitchedError(ProblemError):
     def __init__(self, model_id: str) -> None:
         super().__init__(
             503,
-            "model_switched",
+            MODEL_SWITCHED,
             f"model {model_id} is no longer the active model; nothing was stored. Retry "
             "once the service serves the active model (GET /ready)",
             headers={"Retry-After": str(SWITCH_RETRY_AFTER_S)},

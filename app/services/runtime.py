@@ -35,7 +35,7 @@ from app.services import feed
 from app.services.budget import BusyError, PixelBudget
 from app.services.classify import ClassifyService
 from app.services.follower import FeedFollower
-from app.services.ingest import IngestService
+from app.services.ingest import MODEL_SWITCHED, IngestService
 from app.services.live_index import LiveIndex
 from app.services.metrics import Metrics
 from app.services.reconcile import (
@@ -64,7 +64,7 @@ IMAGE_WORK_NICE: Final = 5
 NOT_READY_DATABASE: Final = "database_unavailable"
 NOT_READY_INDEX: Final = "index_inconsistent"
 NOT_READY_LAGGING: Final = "index_lagging"
-NOT_READY_SWITCHED: Final = "model_switched"
+NOT_READY_SWITCHED: Final = MODEL_SWITCHED
 
 
 @dataclass(frozen=True)
