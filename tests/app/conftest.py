@@ -15,7 +15,6 @@ import contextlib
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -28,6 +27,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from tests.app.process_support import free_port
 from tests.environment import missing_tool
 
 PG_USER = "postgres"
@@ -106,13 +106,6 @@ def _as_server_user(argv: list[str]) -> list[str]:
     return argv
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _run(argv: list[str], what: str) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     if done.returncode != 0:
@@ -163,7 +156,7 @@ def throwaway_cluster(*, durable: bool = False) -> Iterator[PostgresServer]:
         port = 0
         for attempt in range(1, START_ATTEMPTS + 1):
             # The port is free when asked but could be taken before the server binds it.
-            port = _free_port()
+            port = free_port()
             start = _as_server_user(
                 [
                     str(bin_dir / "pg_ctl"),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from tests.app.dicom_support import free_port
+from tests.app.process_support import free_port
 from tests.environment import missing_tool
 
 USER = "convirt"

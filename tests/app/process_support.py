@@ -26,6 +26,7 @@ START_TIMEOUT_S = 180.0
 
 
 def free_port() -> int:
+    """A TCP port free on loopback right now (the caller binds it soon after)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]

@@ -35,11 +35,11 @@ from model.bundle import EncoderBundle
 from tests.app.dicom_support import (
     SOP_CLASSES,
     dicom_bytes,
-    free_port,
     kermany_pixels,
     real_cr_path,
     synthetic_dicom,
 )
+from tests.app.process_support import free_port
 from tests.app.service_support import assert_consistent, make_settings, running_app
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

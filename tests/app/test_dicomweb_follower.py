@@ -34,8 +34,9 @@ from app.services.dicomweb_follower import (
 from app.services.runtime import Runtime
 from app.settings import Settings
 from model.bundle import EncoderBundle
-from tests.app.dicom_support import free_port, kermany_pixels, real_cr_path, synthetic_dicom
+from tests.app.dicom_support import kermany_pixels, real_cr_path, synthetic_dicom
 from tests.app.orthanc_support import PASSWORD, USER, Orthanc, running_orthanc
+from tests.app.process_support import free_port
 from tests.app.service_support import assert_consistent, make_settings, running_app
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

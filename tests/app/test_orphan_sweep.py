@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from sqlalchemy import select
 from app.models import Image
 from app.services.runtime import Runtime
 from model.bundle import EncoderBundle
+from tests.app.process_support import free_port
 from tests.app.service_support import (
     assert_consistent,
     make_settings,
@@ -112,7 +112,7 @@ def test_sigkill_mid_upload_then_the_restart_sweeps_the_orphans(
     tmp_path: Path, bundle_dir: Path, bundle: EncoderBundle
 ) -> None:
     data_dir = tmp_path / "data"
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = (tmp_path / "serve.log").open("wb")
     server = subprocess.Popen(
@@ -164,10 +164,3 @@ def test_sigkill_mid_upload_then_the_restart_sweeps_the_orphans(
 def _post_quietly(base: str, data: bytes) -> None:
     with contextlib.suppress(httpx.HTTPError):  # the server is killed under it
         httpx.post(f"{base}/images", files=[("files", ("f", data, "image/png"))], timeout=WAIT_S)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port

@@ -19,6 +19,7 @@ import pytest
 from app.main import create_app
 from app.serving import build_server
 from app.settings import Settings
+from tests.app.process_support import free_port
 
 HEADER_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 1.5
@@ -27,18 +28,12 @@ MAX_CONNECTIONS = 6
 SLACK_S = 2.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[str]:
     """``convirt serve``'s server, in a thread, on an app with no bundle (/health answers)."""
     settings = Settings(
         data_dir=tmp_path / "data",
-        port=_free_port(),
+        port=free_port(),
         header_timeout_s=HEADER_TIMEOUT_S,
         body_timeout_s=BODY_TIMEOUT_S,
         max_connections=MAX_CONNECTIONS,

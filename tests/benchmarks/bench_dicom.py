@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from app.services.dicom_node import DicomNode  # noqa: E402
 from app.services.runtime import Runtime  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from model.bundle import EncoderBundle  # noqa: E402
+from tests.app.process_support import free_port  # noqa: E402
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 CALLER = "BENCH"
@@ -87,12 +87,6 @@ def make_instances(out: Path, n: int, size: int, seed: int) -> list[Path]:
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def settings_for(work: Path, bundle_dir: Path) -> Settings:

@@ -30,7 +30,6 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from app.services.live_index import LiveIndex
 from app.services.reconcile import open_index, rebuild_index
 from app.services.snapshot import save_snapshot
 from index import VectorIndex
+from tests.app.process_support import free_port
 
 logger = logging.getLogger("bench_scale")
 
@@ -239,17 +239,10 @@ def cold_start(url: str, n: int, tail: int, work: Path) -> dict[str, Any]:
 # -- search throughput -------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def search_throughput(bundle_dir: Path, work: Path, workers: int, seconds: float) -> float:
     import httpx
 
-    port = _free_port()
+    port = free_port()
     data = work / f"serve-{workers}"
     argv = [
         sys.executable,
@@ -311,7 +304,7 @@ def throwaway_postgres(work: Path) -> Iterator[str | None]:
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if os.geteuid() == 0:
         shutil.chown(base, user="postgres")
-    port = _free_port()
+    port = free_port()
     subprocess.run(
         [*as_user, str(bin_dir / "initdb"), "-D", str(base / "data"), "-U", "postgres", *TRUST],
         check=True,

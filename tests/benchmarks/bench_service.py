@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,6 +64,7 @@ from index import VectorIndex  # noqa: E402
 from model.bundle import EncoderBundle  # noqa: E402
 from model.data.synthetic import generate_corpus  # noqa: E402
 from model.inputs.decode import decode_image  # noqa: E402
+from tests.app.process_support import free_port  # noqa: E402
 
 TEXT_QUERY = "small left pleural effusion with blunting of the costophrenic angle"
 INSERT_CHUNK = 5000
@@ -190,13 +190,6 @@ def fill_database(settings: Settings, bundle: EncoderBundle, count: int, seed: i
     finally:
         engine.dispose()
     return time.perf_counter() - started
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def start_server(settings: Settings, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
