@@ -59,6 +59,18 @@ class PixelBudget:
             BusyError: the pixels did not become free within ``wait_s`` seconds.
             ValueError: more pixels than the whole budget (the caller refuses the image).
         """
+        held = self.acquire(pixels)
+        try:
+            yield
+        finally:
+            self.release(held)
+
+    def acquire(self, pixels: int) -> int:
+        """Take ``pixels`` of the budget until :meth:`release`; returns what to release.
+
+        For holds that outlive a block: an image decoded in one thread and stored by
+        another. Raises as :meth:`reserve` does.
+        """
         if pixels > self.total:
             raise ValueError(f"{pixels} pixels exceed the whole budget of {self.total}")
         pixels = max(0, pixels)
@@ -80,9 +92,10 @@ class PixelBudget:
             finally:
                 self._queue.remove(me)
                 self._turns.notify_all()
-        try:
-            yield
-        finally:
-            with self._turns:
-                self._used -= pixels
-                self._turns.notify_all()
+        return pixels
+
+    def release(self, pixels: int) -> None:
+        """Give back ``pixels`` taken by :meth:`acquire`."""
+        with self._turns:
+            self._used -= pixels
+            self._turns.notify_all()

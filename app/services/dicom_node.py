@@ -5,7 +5,12 @@ What happens to one received instance (in the association's own thread):
 1. the dataset's Modality must be CR or DX, else the instance is refused with status
    ``0xA900`` (the node stores chest radiographs only);
 2. its bytes are decoded by the same step as an upload's
-   (:meth:`app.services.ingest.IngestService.decode`); an instance that the decoder
+   (:meth:`app.services.ingest.IngestService.decode`), within the process's pixel budget
+   (``CONVIRT_DECODE_PIXEL_BUDGET``, shared with uploads and image searches): the decoded
+   pixels hold their share until the ingest thread has stored them, so a burst of large
+   instances waits for earlier ones instead of filling memory, and one that finds no room
+   within ``CONVIRT_DECODE_WAIT_S`` gets ``0xA700`` (out of resources: the sender retries
+   later); an instance that the decoder
    refuses gets ``0xA900`` (colour, multi-frame, no pixel data: not what this node stores)
    or ``0xC000`` (cannot understand: corrupt, unsupported transfer syntax, too large);
 3. the bytes are written to the staging directory under the data directory and fsynced
@@ -44,6 +49,7 @@ from prometheus_client import start_http_server
 from pydicom import Dataset
 
 from app.errors import AppError
+from app.services.budget import BusyError
 from app.services.ingest import DecodedItem, IngestItem, IngestService
 from app.services.pacs import clean_uid, is_radiograph_modality, study_uid_of
 from model.errors import ModelError
@@ -103,10 +109,20 @@ class Refusal:
 class _Staged:
     decoded: DecodedItem
     path: Path
+    #: Pixels of the budget the decoded image holds until it is stored.
+    pixels: int
 
 
 #: fdatasync where the platform has it (Linux), fsync elsewhere.
 _fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+def _decoder_refusal(exc: ModelError) -> Refusal:
+    """The status of an instance the decoder refuses: not stored here, or not understood."""
+    status = (
+        STATUS_NOT_STORED_HERE if exc.code in _NOT_A_RADIOGRAPH_CODES else STATUS_CANNOT_UNDERSTAND
+    )
+    return Refusal(status, exc.code, str(exc))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -278,21 +294,30 @@ class DicomNode:
             )
         data = event.encoded_dataset(include_meta=True)
         item = IngestItem(data=data, study_instance_uid=clean_uid(ds.get("StudyInstanceUID")))
+        budget = self.ingest.budget
+        try:
+            cost = self.ingest.pixel_cost(data)
+            self.ingest.check_cost(cost)
+            held = budget.acquire(cost)
+        except ModelError as exc:
+            return _decoder_refusal(exc)
+        except BusyError:
+            return Refusal(STATUS_OUT_OF_RESOURCES, "busy", "decoding other images: retry later")
         try:
             decoded = self.ingest.decode(item)
         except ModelError as exc:
-            status = (
-                STATUS_NOT_STORED_HERE
-                if exc.code in _NOT_A_RADIOGRAPH_CODES
-                else STATUS_CANNOT_UNDERSTAND
-            )
-            return Refusal(status, exc.code, str(exc))
+            budget.release(held)
+            return _decoder_refusal(exc)
         try:
             path = self._stage(decoded.content_hash, data)
         except OSError as exc:
+            budget.release(held)
             logger.error("cannot stage a received instance: %s", exc.strerror)
             return Refusal(STATUS_OUT_OF_RESOURCES, "staging_failed", "cannot store: disk")
-        self._queue.put(_Staged(decoded, path))
+        except BaseException:
+            budget.release(held)
+            raise
+        self._queue.put(_Staged(decoded, path, held))
         return None
 
     def _stage(self, digest: str, data: bytes) -> Path:
@@ -338,6 +363,13 @@ class DicomNode:
             self._commit(batch)
 
     def _commit(self, batch: Sequence[_Staged]) -> None:
+        try:
+            self._store(batch)
+        finally:
+            # Stored or left staged, the decoded pixels are dropped now.
+            self.ingest.budget.release(sum(staged.pixels for staged in batch))
+
+    def _store(self, batch: Sequence[_Staged]) -> None:
         try:
             known = self.ingest.find_existing([s.decoded.content_hash for s in batch])
             fresh: dict[str, DecodedItem] = {}

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -175,6 +176,61 @@ def test_undecodable_pixel_data_is_cannot_understand(node: DicomNode, shared_dir
     assert _send(node, [ds]) == [0xC000]
     node.stop()
     assert _rows(node) == []
+
+
+def test_received_images_hold_the_pixel_budget_until_they_are_stored(
+    tmp_path: Path, database_url: str, bundle_dir: Path, bundle: EncoderBundle, shared_dir: Path
+) -> None:
+    """A burst of instances waits for the budget instead of filling memory; none is lost."""
+    size = (256, 320)
+    settings = make_settings(
+        tmp_path / "data",
+        database_url,
+        bundle_dir,
+        dicom_ae_title=NODE_AE,
+        dicom_port=free_port(),
+        dicom_calling_aes=[CALLER],
+        # Room for one decoded instance, not two; a refusal comes quickly.
+        decode_pixel_budget=size[0] * size[1] * 3 // 2,
+        decode_wait_s=0.5,
+    )
+    runtime = Runtime.start(settings, bundle=bundle)
+    node = DicomNode(runtime)
+    storing = threading.Event()
+    go_on = threading.Event()
+    persist = node.ingest.persist
+
+    def slow_persist(*args: Any, **kwargs: Any) -> Any:
+        storing.set()
+        assert go_on.wait(SCU_TIMEOUT_S)
+        return persist(*args, **kwargs)
+
+    node.ingest.persist = slow_persist  # type: ignore[method-assign]
+    node.start()
+    try:
+        first, second = (
+            synthetic_dicom(kermany_pixels(shared_dir, i, size), modality="DX") for i in (3, 4)
+        )
+        assert _send(node, [first]) == [STATUS_SUCCESS]
+        assert storing.wait(SCU_TIMEOUT_S)
+        # The first is decoded and not yet stored: its pixels leave no room for the second.
+        assert node.ingest.budget.in_use == size[0] * size[1]
+        assert _send(node, [second]) == [0xA700]
+        assert node.counts["busy"] == 1
+        go_on.set()
+        node.stop()
+        assert node.ingest.budget.in_use == 0
+        # The sender retries later, and the second is stored too.
+        node.start()
+        assert _send(node, [second]) == [STATUS_SUCCESS]
+        node.stop()
+        assert node.ingest.budget.in_use == 0
+        assert len(_rows(node)) == 2
+        assert_consistent(runtime)
+    finally:
+        go_on.set()
+        node.stop()
+        runtime.close()
 
 
 def test_unknown_calling_ae_is_rejected(node: DicomNode) -> None:
