@@ -41,18 +41,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from sqlalchemy import insert
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from app.db import create_engine_for_url, session_factory, upgrade_database
-from app.models import Embedding, EncoderModel, Image
-from app.services import feed
-from app.services.follower import FeedFollower
-from app.services.live_index import LiveIndex
-from app.services.reconcile import open_index, rebuild_index
-from app.services.snapshot import save_snapshot
-from index import VectorIndex
-from tests.app.process_support import free_port
+import numpy as np  # noqa: E402
+from sqlalchemy import insert  # noqa: E402
+
+from app.db import create_engine_for_url, session_factory, upgrade_database  # noqa: E402
+from app.models import Embedding, EncoderModel, Image  # noqa: E402
+from app.services import feed  # noqa: E402
+from app.services.follower import FeedFollower  # noqa: E402
+from app.services.live_index import LiveIndex  # noqa: E402
+from app.services.reconcile import open_index, rebuild_index  # noqa: E402
+from app.services.snapshot import save_snapshot  # noqa: E402
+from index import VectorIndex  # noqa: E402
+from tests.app.process_support import free_port  # noqa: E402
 
 logger = logging.getLogger("bench_scale")
 
