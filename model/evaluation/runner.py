@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -51,6 +51,9 @@ MODEL: Final = "model"
 BACKBONE: Final = "backbone"
 RANDOM: Final = "random"
 RANDOM_EXPECTED: Final = "random_expected"
+#: Decoded pixels one encoding batch holds at most (plus its last image): 32M, about
+#: 128 MB as float32.
+BATCH_PIXELS: Final = 32 * 1024 * 1024
 
 #: ``progress(fraction in [0, 1], stage)``.
 ProgressCallback = Callable[[float, str], None]
@@ -228,6 +231,50 @@ def hash_files(
     return hashes
 
 
+def _decoded_batches(
+    todo: Sequence[str],
+    first_path: dict[str, str],
+    root: Path | None,
+    where: dict[str, str],
+    batch_size: int,
+    cancel: threading.Event | None,
+) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+    """``todo``'s images decoded, in batches of at most ``batch_size`` and about
+    :data:`BATCH_PIXELS` decoded pixels: (hashes, (H, W) pictures).
+
+    Full-resolution archives (MIMIC-CXR's are about 3000 × 2500) would otherwise hold
+    ``batch_size`` such pictures at once; the encoders resize them anyway.
+    """
+    from model.inputs.decode import ImageDecodeError, decode_image
+
+    batch: list[str] = []
+    pixels: list[np.ndarray] = []
+    held = 0
+    for key in todo:
+        check_stop(cancel)
+        path = first_path[key]
+        try:
+            data = resolve_image(root, path).read_bytes()
+            picture = decode_image(data).pixels  # (H, W)
+        except OSError as exc:
+            raise ProtocolError(
+                f"{where[path]}: cannot read {resolve_image(root, path)}: {exc}",
+                code="image_missing",
+            ) from None
+        except ImageDecodeError as exc:
+            raise ProtocolError(
+                f"{where[path]}: {resolve_image(root, path)}: {exc}", code=exc.code
+            ) from None
+        batch.append(key)
+        pixels.append(picture)
+        held += picture.size
+        if len(batch) >= batch_size or held >= BATCH_PIXELS:
+            yield batch, pixels
+            batch, pixels, held = [], [], 0
+    if batch:
+        yield batch, pixels
+
+
 def embed_images(
     encoders: dict[str, Callable[[Sequence[np.ndarray], int], FloatArray]],
     paths: Sequence[str],
@@ -246,7 +293,6 @@ def embed_images(
     ``spaces`` maps a space name (``model``/``backbone``) to its cache key and ``encoders``
     the same names to ``encode(images, batch_size) -> (b, D)``.
     """
-    from model.inputs.decode import ImageDecodeError, decode_image
 
     clock = _Stopwatch()
     unique = list(dict.fromkeys(hashes))
@@ -262,24 +308,8 @@ def embed_images(
         ", ".join(f"{s} {n}" for s, n in hits.items()),
         len(todo),
     )
-    for start in range(0, len(todo), batch_size):
-        check_stop(cancel)
-        batch = todo[start : start + batch_size]
-        pixels = []
-        for key in batch:
-            path = first_path[key]
-            try:
-                data = resolve_image(root, path).read_bytes()
-                pixels.append(decode_image(data).pixels)  # (H, W)
-            except OSError as exc:
-                raise ProtocolError(
-                    f"{where[path]}: cannot read {resolve_image(root, path)}: {exc}",
-                    code="image_missing",
-                ) from None
-            except ImageDecodeError as exc:
-                raise ProtocolError(
-                    f"{where[path]}: {resolve_image(root, path)}: {exc}", code=exc.code
-                ) from None
+    done = 0
+    for batch, pixels in _decoded_batches(todo, first_path, root, where, batch_size, cancel):
         for space, cache_key in spaces.items():
             need = [i for i, key in enumerate(batch) if key not in known[space]]
             if not need:
@@ -289,7 +319,7 @@ def embed_images(
             known[space].update(fresh)
             if cache is not None:
                 cache.put_many(cache_key, fresh)
-        done = min(start + batch_size, len(todo))
+        done += len(batch)
         progress(0.1 + 0.85 * done / len(todo), f"encoding images {done}/{len(todo)}")
     seconds = clock.elapsed()
     out: dict[str, FloatArray] = {}

@@ -317,3 +317,45 @@ def test_maps_keep_clusters_apart() -> None:
     np.testing.assert_array_equal(tsne, tsne_2d(points, perplexity=10, iterations=250, seed=0))
     with pytest.raises(EvaluationError):
         pca_2d(np.zeros((1, 4)))
+
+
+def test_encoding_batches_hold_a_bounded_number_of_decoded_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full-resolution archive is encoded in batches smaller than batch_size."""
+    from model.evaluation import runner
+
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((40, 50), 20 * i, np.uint8)).save(path)
+        paths.append(str(path))
+    hashes = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+    sizes: list[int] = []
+
+    def encode(images: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+        sizes.append(len(images))
+        return np.ones((len(images), 4), np.float32)
+
+    def embed() -> dict[str, np.ndarray]:
+        vectors, _ = runner.embed_images(
+            {"model": encode},
+            paths,
+            hashes,
+            root=None,
+            where={p: p for p in paths},
+            spaces={"model": "key"},
+            cache=None,
+            batch_size=32,
+            progress=lambda fraction, message: None,
+            cancel=None,
+        )
+        return vectors
+
+    assert embed()["model"].shape == (5, 4)
+    assert sizes == [5]
+    sizes.clear()
+    # Two pictures' pixels fill a batch: the third starts the next one.
+    monkeypatch.setattr(runner, "BATCH_PIXELS", 2 * 40 * 50)
+    assert embed()["model"].shape == (5, 4)
+    assert sizes == [2, 2, 1]
