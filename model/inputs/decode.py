@@ -31,7 +31,7 @@ from typing import Any, Final, Literal, TypeAlias
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from PIL import Image
+from PIL import Image, ImageOps
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
@@ -481,7 +481,8 @@ def _decode_raster(data: bytes, fmt: Literal["png", "jpeg"], max_pixels: int) ->
             _check_size(image.width, image.height, limit)
             image.load()
             mode = image.mode
-            pixels = _pillow_to_unit(image, header.bits)
+            upright = _upright(image)
+            pixels = _pillow_to_unit(upright, header.bits)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -492,14 +493,35 @@ def _decode_raster(data: bytes, fmt: Literal["png", "jpeg"], max_pixels: int) ->
         raise CorruptImageError(f"cannot decode {fmt.upper()}: {_reason(exc)}") from exc
     meta = ImageMeta(
         source_format=fmt,
-        width=header.width,
-        height=header.height,
+        width=int(pixels.shape[1]),
+        height=int(pixels.shape[0]),
         bits=header.bits,
         photometric=mode,
         view_position=None,
         modality=None,
     )
     return DecodedImage(pixels=pixels, meta=meta)
+
+
+#: EXIF's Orientation tag; 1 is "as stored".
+_EXIF_ORIENTATION: Final = 0x0112
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The picture the way a viewer shows it: an EXIF Orientation applied.
+
+    Cameras, phones and some exporters store the pixels as captured and say in EXIF how
+    to turn them; a radiograph embedded on its side would be compared on its side.
+    """
+    try:
+        if image.getexif().get(_EXIF_ORIENTATION, 1) in (None, 1):
+            return image
+        return ImageOps.exif_transpose(image)
+    except MemoryError:
+        raise
+    except Exception:  # a malformed EXIF block says nothing reliable; the pixels are fine
+        logger.debug("unreadable EXIF block ignored")
+        return image
 
 
 def _pillow_to_unit(image: Image.Image, bits: int) -> FloatArray:

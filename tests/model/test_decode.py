@@ -748,3 +748,35 @@ def test_strips_are_refused_from_the_header_only_when_asked() -> None:
     assert dicom is not None
     ds = pydicom.dcmread(dicom, stop_before_pixels=True)
     assert peek_size(Path(dicom).read_bytes()) == (int(ds.Columns), int(ds.Rows))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied(fmt: str) -> None:
+    """A picture stored on its side with EXIF Orientation 6 decodes the way viewers show it."""
+    from PIL import Image
+
+    stored = np.zeros((20, 40), np.uint8)  # (H, W): the left half bright
+    stored[:, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90° clockwise to display
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format=fmt, exif=exif.tobytes())
+
+    decoded = decode_image(buffer.getvalue())
+
+    assert decoded.pixels.shape == (40, 20)
+    assert (decoded.meta.width, decoded.meta.height) == (20, 40)
+    # The stored left half is the displayed top half.
+    assert decoded.pixels[:20].mean() > 0.9
+    assert decoded.pixels[20:].mean() < 0.1
+
+
+def test_a_malformed_exif_block_does_not_refuse_the_picture() -> None:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((20, 30), 128, np.uint8)).save(
+        buffer, format="JPEG", exif=b"Exif\x00\x00garbage-not-tiff"
+    )
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.pixels.shape == (20, 30)
