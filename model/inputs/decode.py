@@ -524,17 +524,28 @@ def _upright(image: Image.Image) -> Image.Image:
         return image
 
 
+def _full_scale(values: FloatArray, bits: int) -> float:
+    """The white of a 16-bit grayscale picture, as far as its samples tell.
+
+    Exporters often write 10- to 12-bit detector values into 16-bit PNGs unscaled (PNG
+    asks for them to be scaled up to the full depth); read against 65535, such a
+    radiograph is almost black. The depth taken is the fewest bits (at least 8, at most
+    the container's) that hold its brightest sample.
+    """
+    top = int(values.max()) if values.size else 0
+    return float(2 ** min(bits, max(8, top.bit_length())) - 1)
+
+
 def _pillow_to_unit(image: Image.Image, bits: int) -> FloatArray:
     """A loaded Pillow image → float32 ``(H, W)`` in ``[0, 1]``."""
-    if image.mode.startswith("I;16"):
-        scale = 65535.0
-    elif image.mode == "I":
-        scale = float(2**bits - 1)
+    if image.mode.startswith("I"):  # 16-bit grayscale: "I;16" or "I" by Pillow's version
+        pixels = np.array(image, dtype=np.float32)  # (H, W)
+        scale = _full_scale(pixels, 16 if image.mode.startswith("I;16") else bits)
     else:
         if image.mode != "L":
             image = image.convert("L")
+        pixels = np.array(image, dtype=np.float32)  # (H, W)
         scale = 255.0
-    pixels = np.array(image, dtype=np.float32)  # (H, W)
     pixels *= np.float32(1.0 / scale)
     np.clip(pixels, 0.0, 1.0, out=pixels)
     return np.ascontiguousarray(pixels)

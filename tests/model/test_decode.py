@@ -780,3 +780,25 @@ def test_a_malformed_exif_block_does_not_refuse_the_picture() -> None:
     )
     decoded = decode_image(buffer.getvalue())
     assert decoded.pixels.shape == (20, 30)
+
+
+@pytest.mark.parametrize(
+    ("top", "white"),
+    [
+        (4095, 4095),  # 12-bit detector values in a 16-bit PNG, unscaled
+        (1000, 1023),  # 10-bit
+        (65535, 65535),  # the full 16-bit range
+        (200, 255),  # 8-bit values in a 16-bit container
+    ],
+)
+def test_sixteen_bit_png_is_read_against_the_depth_its_samples_use(top: int, white: int) -> None:
+    """A 12-bit radiograph exported into a 16-bit PNG is not decoded almost black."""
+    from PIL import Image
+
+    ramp = np.linspace(0, top, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+
+    pixels = decode_image(buffer.getvalue()).pixels
+
+    np.testing.assert_allclose(pixels, ramp / white, atol=1e-6)
