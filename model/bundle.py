@@ -192,6 +192,12 @@ def export_bundle(
     _check_target(target, overwrite)
     checkpoint = load_checkpoint(checkpoint_path)
     model, model_config = model_from_checkpoint(checkpoint)
+    head = getattr(model, "image_projection", None)
+    if model_config.projection.image_orthogonal and head is not None:
+        # The config's promise for what is served: the learned image head without its
+        # stretch (model.config.ProjectionConfig).
+        head.orthogonalize_()
+        logger.info("image head orthogonalised for the bundle")
     progress = checkpoint.get("progress", {})
     imported = model_config.imported
     provenance = provenance_doc(

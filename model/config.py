@@ -119,14 +119,25 @@ class ProjectionConfig:
 
     ``"nonlinear"`` is Linear–ReLU–Linear (the paper's default), ``"linear"`` a single
     Linear (the paper's ablation). ``hidden_dim`` unset means the backbone's feature size.
+
+    ``image_orthogonal`` (linear heads only): the exported bundle's image head is the
+    learned one's nearest map with orthonormal rows (its polar factor). It turns the image
+    features into the shared space and drops dimensions but stretches none, so what lies
+    near what among images is the backbone's own geometry within the kept subspace. With
+    a frozen pretrained backbone, image→image search then keeps the backbone's general
+    sight on images unlike the training corpus (see cpu-small). Training and its
+    validation loss use the learned head as it is.
     """
 
     dim: int = 512
     kind: str = "nonlinear"
     hidden_dim: int | None = None
+    image_orthogonal: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("kind", self.kind, PROJECTION_KINDS)
+        if self.image_orthogonal and self.kind != "linear":
+            raise InvalidConfigError("image_orthogonal: only a linear head can be orthogonal")
         if self.dim < 1:
             raise InvalidConfigError(f"dim: {self.dim} is not positive")
         if self.hidden_dim is not None and self.hidden_dim < 1:

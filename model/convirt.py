@@ -65,7 +65,11 @@ class ConVIRT(nn.Module):
         self.text_encoder = TextTower(
             config.text, pretrained=True if pretrained is None else pretrained
         )
-        self.image_projection = ProjectionHead(self.image_encoder.out_dim, config.projection)
+        self.image_projection = ProjectionHead(
+            self.image_encoder.out_dim,
+            config.projection,
+            orthogonal=config.projection.image_orthogonal,
+        )
         self.text_projection = ProjectionHead(self.text_encoder.out_dim, config.projection)
 
     @property

@@ -25,6 +25,7 @@ from model.convirt import build_model
 from model.data.manifest import read_manifest as read_pairs
 from model.data.synthetic import generate_corpus
 from model.inputs.decode import decode_file
+from model.towers.heads import ProjectionHead
 from model.training.config import train_config_to_dict
 from tests.model.trainer_support import make_tiny_towers, tiny_config
 
@@ -293,3 +294,45 @@ def test_threaded_preprocessing_gives_the_same_vectors(
     threaded = EncoderBundle.load(bundle_dir, device="cpu", preprocess_threads=3)
     expected = bundle.encode_images(images, batch_size=4)
     np.testing.assert_array_equal(threaded.encode_images(images, batch_size=4), expected)
+
+
+def test_an_orthogonal_image_head_is_exported_as_its_polar_factor(
+    tmp_path: Path, bundle_corpus: Path, towers: tuple[Path, Path]
+) -> None:
+    """The bundle's image head has orthonormal rows; the checkpoint keeps the learned one."""
+    config = tiny_config(
+        bundle_corpus,
+        tmp_path / "run",
+        towers,
+        "model.projection.kind=linear",
+        "model.projection.dim=8",
+        "model.projection.image_orthogonal=true",
+    )
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    learned = _head_weight(model, "image_projection").clone()  # (8, 16)
+    checkpoint = save_checkpoint(
+        tmp_path / "best.pt",
+        {"kind": "weights", "config": train_config_to_dict(config), "model": model.state_dict()},
+    )
+
+    bundle = EncoderBundle.load(export_bundle(checkpoint, tmp_path / "bundle"), device="cpu")
+
+    weight = _head_weight(bundle.model, "image_projection")
+    torch.testing.assert_close(weight @ weight.T, torch.eye(8), atol=1e-5, rtol=0)
+    u, _, vh = torch.linalg.svd(learned, full_matrices=False)
+    torch.testing.assert_close(weight, u @ vh, atol=1e-5, rtol=0)
+    # The text head is exported as it learned.
+    torch.testing.assert_close(
+        _head_weight(bundle.model, "text_projection"), _head_weight(model, "text_projection")
+    )
+    assert bundle.dim == 8
+
+
+def _head_weight(model: object, head: str) -> torch.Tensor:
+    """The weight of a linear projection head: (dim, in_dim)."""
+    projection = getattr(model, head)
+    assert isinstance(projection, ProjectionHead)
+    linear = projection.net[0]
+    assert isinstance(linear, torch.nn.Linear)
+    return linear.weight.detach()

@@ -50,3 +50,56 @@ def test_heads_do_not_normalise() -> None:
 def test_bad_input_size_is_rejected() -> None:
     with pytest.raises(InvalidConfigError):
         ProjectionHead(0, ProjectionConfig())
+
+
+def test_an_orthogonalised_head_keeps_distances_between_features() -> None:
+    """However it learned, its polar factor has orthonormal rows: a square one bends no
+    distance between features."""
+    torch.manual_seed(0)
+    config = ProjectionConfig(dim=16, kind="linear", image_orthogonal=True)
+    head = ProjectionHead(16, config, orthogonal=True)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=0.1)
+    for _ in range(5):
+        optimizer.zero_grad()
+        head(torch.randn(8, 16)).pow(3).sum().backward()
+        optimizer.step()
+    x = torch.randn(6, 16)
+    with torch.no_grad():
+        assert not torch.allclose(torch.cdist(head(x), head(x)), torch.cdist(x, x), atol=1e-2)
+        head.orthogonalize_()
+        linear = head.net[0]
+        assert isinstance(linear, nn.Linear)
+        weight = linear.weight
+        torch.testing.assert_close(weight @ weight.T, torch.eye(16), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.cdist(head(x), head(x)), torch.cdist(x, x), atol=1e-4, rtol=0
+        )
+
+
+def test_orthogonalising_keeps_the_learned_turn_and_drops_the_stretch() -> None:
+    torch.manual_seed(1)
+    head = ProjectionHead(
+        32, ProjectionConfig(dim=8, kind="linear", image_orthogonal=True), orthogonal=True
+    )
+    linear = head.net[0]
+    assert isinstance(linear, nn.Linear)
+    u, _, vh = torch.linalg.svd(linear.weight.detach(), full_matrices=False)
+    x = torch.randn(4, 32)
+    head.orthogonalize_()
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), x @ (u @ vh).T + linear.bias)
+        once = linear.weight.clone()
+        head.orthogonalize_()  # a second time changes nothing
+        torch.testing.assert_close(linear.weight, once, atol=1e-5, rtol=0)
+    plain = ProjectionHead(32, ProjectionConfig(dim=8, kind="linear"))
+    with pytest.raises(InvalidConfigError, match="not built to be orthogonal"):
+        plain.orthogonalize_()
+
+
+def test_orthogonal_heads_must_be_linear_and_no_wider_than_their_input() -> None:
+    with pytest.raises(InvalidConfigError, match="linear"):
+        ProjectionConfig(kind="nonlinear", image_orthogonal=True)
+    with pytest.raises(InvalidConfigError, match="no wider"):
+        ProjectionHead(
+            16, ProjectionConfig(dim=32, kind="linear", image_orthogonal=True), orthogonal=True
+        )

@@ -76,6 +76,7 @@ def tiny_config(
             "optim.image_backbone_lr_scale=1.0",
             "model.image.freeze_batchnorm=false",
             "model.projection.kind=nonlinear",
+            "model.projection.image_orthogonal=false",
             "optim.warmup_steps=2",
             "train.epochs=2",
             "train.progress=false",
