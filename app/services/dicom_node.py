@@ -303,21 +303,21 @@ class DicomNode:
             return _decoder_refusal(exc)
         except BusyError:
             return Refusal(STATUS_OUT_OF_RESOURCES, "busy", "decoding other images: retry later")
+        queued = False
         try:
             decoded = self.ingest.decode(item)
-        except ModelError as exc:
-            budget.release(held)
-            return _decoder_refusal(exc)
-        try:
             path = self._stage(decoded.content_hash, data)
+            self._queue.put(_Staged(decoded, path, held))
+            queued = True
+        except ModelError as exc:
+            return _decoder_refusal(exc)
         except OSError as exc:
-            budget.release(held)
             logger.error("cannot stage a received instance: %s", exc.strerror)
             return Refusal(STATUS_OUT_OF_RESOURCES, "staging_failed", "cannot store: disk")
-        except BaseException:
-            budget.release(held)
-            raise
-        self._queue.put(_Staged(decoded, path, held))
+        finally:
+            # Once queued, the ingest thread gives the pixels back after storing them.
+            if not queued:
+                budget.release(held)
         return None
 
     def _stage(self, digest: str, data: bytes) -> Path:

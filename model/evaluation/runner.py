@@ -293,7 +293,6 @@ def embed_images(
     ``spaces`` maps a space name (``model``/``backbone``) to its cache key and ``encoders``
     the same names to ``encode(images, batch_size) -> (b, D)``.
     """
-
     clock = _Stopwatch()
     unique = list(dict.fromkeys(hashes))
     known: dict[str, dict[str, FloatArray]] = {}

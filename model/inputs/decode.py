@@ -481,8 +481,7 @@ def _decode_raster(data: bytes, fmt: Literal["png", "jpeg"], max_pixels: int) ->
             _check_size(image.width, image.height, limit)
             image.load()
             mode = image.mode
-            upright = _upright(image)
-            pixels = _pillow_to_unit(upright, header.bits)
+            pixels = _pillow_to_unit(_upright(image), header.bits)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -540,7 +539,7 @@ def _pillow_to_unit(image: Image.Image, bits: int) -> FloatArray:
     """A loaded Pillow image → float32 ``(H, W)`` in ``[0, 1]``."""
     if image.mode.startswith("I"):  # 16-bit grayscale: "I;16" or "I" by Pillow's version
         pixels = np.array(image, dtype=np.float32)  # (H, W)
-        scale = _full_scale(pixels, 16 if image.mode.startswith("I;16") else bits)
+        scale = _full_scale(pixels, bits)
     else:
         if image.mode != "L":
             image = image.convert("L")

@@ -32,6 +32,7 @@ from app.services.dicom_node import (
 )
 from app.services.pacs import clean_uid
 from app.services.runtime import Runtime
+from app.settings import Settings
 from model.bundle import EncoderBundle
 from tests.app.dicom_support import (
     SOP_CLASSES,
@@ -54,15 +55,7 @@ NODE_AE = "CONVIRT"
 def node(
     tmp_path: Path, database_url: str, bundle_dir: Path, bundle: EncoderBundle
 ) -> Iterator[DicomNode]:
-    settings = make_settings(
-        tmp_path / "data",
-        database_url,
-        bundle_dir,
-        dicom_ae_title=NODE_AE,
-        dicom_port=free_port(),
-        dicom_calling_aes=[CALLER],
-    )
-    runtime = Runtime.start(settings, bundle=bundle)
+    runtime = Runtime.start(_node_settings(tmp_path, database_url, bundle_dir), bundle=bundle)
     node = DicomNode(runtime)
     node.start()
     try:
@@ -70,6 +63,19 @@ def node(
     finally:
         node.stop()
         runtime.close()
+
+
+def _node_settings(tmp_path: Path, database_url: str, bundle_dir: Path, **extra: Any) -> Settings:
+    """A node called ``NODE_AE`` on a free port, accepting ``CALLER``."""
+    return make_settings(
+        tmp_path / "data",
+        database_url,
+        bundle_dir,
+        dicom_ae_title=NODE_AE,
+        dicom_port=free_port(),
+        dicom_calling_aes=[CALLER],
+        **extra,
+    )
 
 
 def _send(node: DicomNode, datasets: list[Dataset], *, caller: str = CALLER) -> list[int]:
@@ -183,13 +189,10 @@ def test_received_images_hold_the_pixel_budget_until_they_are_stored(
 ) -> None:
     """A burst of instances waits for the budget instead of filling memory; none is lost."""
     size = (256, 320)
-    settings = make_settings(
-        tmp_path / "data",
+    settings = _node_settings(
+        tmp_path,
         database_url,
         bundle_dir,
-        dicom_ae_title=NODE_AE,
-        dicom_port=free_port(),
-        dicom_calling_aes=[CALLER],
         # Room for one decoded instance, not two; a refusal comes quickly.
         decode_pixel_budget=size[0] * size[1] * 3 // 2,
         decode_wait_s=0.5,
