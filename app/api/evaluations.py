@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 
 from app.api.deps import RuntimeDep, SessionDep
 from app.api.problems import problem_responses
+from app.api.uploads import json_body
 from app.errors import ProblemError
 from app.models import EvaluationRun
 from app.schemas import MAX_ID, RequestModel
@@ -220,7 +221,8 @@ JobsDep = Annotated[EvaluationJobs, Depends(get_jobs)]
     status_code=202,
     response_model=EvaluationPublic,
     summary="Start an evaluation in the background",
-    responses=problem_responses(409, 422, 503),
+    responses=problem_responses(409, 415, 422, 503),
+    dependencies=[Depends(json_body)],
 )
 def create_evaluation(
     body: EvaluationCreate, request: Request, response: Response, runtime: RuntimeDep, jobs: JobsDep

@@ -20,6 +20,7 @@ from app.api.uploads import (
     field_problem,
     image_or_json_openapi,
     inline_refs,
+    json_body,
     parse_json_field,
     read_upload,
     require_content_type,
@@ -102,7 +103,8 @@ def _encode_text(runtime: Runtime, query: str) -> npt.NDArray[np.float32]:
     "/text",
     response_model=SearchPublic,
     summary="Images closest to a free-text query",
-    responses=problem_responses(401, 413, 422, 503),
+    responses=problem_responses(401, 413, 415, 422, 503),
+    dependencies=[Depends(json_body)],
 )
 async def search_text(
     body: TextSearchCreate,
@@ -113,7 +115,8 @@ async def search_text(
     """Up to ``k`` images ranked by similarity to the query, best first.
 
     With ``filters``, every hit satisfies them (fewer than ``k`` when fewer images do).
-    Errors: ``empty_query``, ``query_too_long``, ``invalid_k`` (all 422).
+    Errors: ``empty_query``, ``query_too_long``, ``invalid_k`` (all 422);
+    ``unsupported_media_type`` (415) for a body not sent as ``application/json``.
     """
     start = time.perf_counter()
     if len(body.query) > settings.max_query_chars:

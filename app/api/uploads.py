@@ -109,6 +109,16 @@ def require_content_type(request: Request, *allowed: str) -> str:
     return media_type
 
 
+def json_body(request: Request) -> None:
+    """A route dependency for JSON bodies: any other media type, or none, is a 415.
+
+    Without it, a JSON route reads a form post (``curl -d``'s default), ``text/plain`` or
+    an untyped body as raw bytes and answers a 422 about the body's fields, which hides
+    the real mistake.
+    """
+    require_content_type(request, "application/json")
+
+
 def field_problem(loc: list[str | int], msg: str, kind: str) -> ProblemError:
     """A 422 ``validation_error`` problem for one form field."""
     return ProblemError(

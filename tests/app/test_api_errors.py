@@ -136,6 +136,22 @@ def test_bad_text_queries(client: TestClient) -> None:
         422,
         "validation_error",
     )
+    # JSON sent as a form (curl -d's default), as plain text or untyped: 415, not a 422
+    # about fields the client did send.
+    for headers in (
+        {"content-type": "application/x-www-form-urlencoded"},
+        {"content-type": "text/plain"},
+        {},
+    ):
+        sent = client.post("/search/text", content=b'{"query": "edema"}', headers=headers)
+        is_problem(sent, 415, "unsupported_media_type")
+    # A charset parameter is fine.
+    sent = client.post(
+        "/search/text",
+        content=b'{"query": "edema"}',
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
+    assert sent.status_code == 200, sent.text
     # The limits themselves are allowed.
     assert client.post("/search/text", json={"query": "x" * 200, "k": 50}).status_code == 200
     assert _snapshot(client) == before

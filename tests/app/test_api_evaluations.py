@@ -218,6 +218,12 @@ def test_problems(
             "validation_error",
         )
         is_problem(client.post("/evaluations", json={"protocol": "nope"}), 422, "validation_error")
+        as_form = client.post(
+            "/evaluations",
+            content=b'{"protocol": "stored"}',
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        is_problem(as_form, 415, "unsupported_media_type")
         is_problem(client.get("/evaluations/999"), 404, "evaluation_not_found")
         # None of the refused requests left a run behind.
         assert client.get("/evaluations").json() == {"total": 0, "items": []}
