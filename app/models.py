@@ -19,6 +19,7 @@ Tables:
 - ``changes``: the change feed. One row per embedding added or removed, and one per
   switch of the active model, written in the same transaction as the change itself; its
   ``seq`` orders them. Every process's index follows it (:mod:`app.services.feed`).
+- ``feed_floor``: one row, how far the feed's oldest records have been pruned.
 
 No column holds a patient identifier (name, patient id, birth date, accession number):
 ``study_ref`` is an opaque reference chosen by the uploading system and must not be one of
@@ -380,6 +381,22 @@ class Change(Base):
         CheckConstraint("op IN (" + ", ".join(f"'{s}'" for s in CHANGE_OPS) + ")", name="known_op"),
         {"sqlite_autoincrement": True},
     )
+
+
+class FeedFloor(Base):
+    """How far the change feed has been pruned: records up to ``seq`` may be gone.
+
+    One row (``id`` 1), written by :func:`app.services.feed.prune` in the transaction
+    that deletes the records. An index whose feed position is below ``seq`` cannot
+    replay what it missed and is rebuilt from the stored embeddings instead.
+    """
+
+    __tablename__ = "feed_floor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger, comment="records up to this seq may be deleted")
+
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
 
 
 class DicomwebCursor(Base):

@@ -36,7 +36,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from app.errors import AppError
-from model.inputs.decode import DEFAULT_MAX_ASPECT_RATIO
+from model.inputs.decode import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MIN_SIDE
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -124,6 +124,11 @@ class Settings(BaseSettings):
         ge=1.0,
         description="longer side over shorter side above which an image is refused (422)",
     )
+    min_image_side: int = Field(
+        default=DEFAULT_MIN_SIDE,
+        ge=1,
+        description="shortest side, in pixels, below which an image is refused (422)",
+    )
     max_query_chars: int = Field(default=1000, gt=0, description="longest text query")
     k_max: int = Field(default=1000, ge=1, description="most hits one search may ask for")
     classify_knn_k: int = Field(
@@ -154,6 +159,14 @@ class Settings(BaseSettings):
     )
     orphan_sweep_interval_s: float = Field(
         default=3600.0, gt=0.0, description="seconds between orphan sweeps (also at start-up)"
+    )
+    feed_retention_s: float = Field(
+        default=7 * 24 * 3600.0,
+        ge=0.0,
+        description=(
+            "age past which change-feed records are pruned, at each orphan sweep (0: never); "
+            "a process down for longer rebuilds its index from the database"
+        ),
     )
     store_originals: bool = Field(
         default=False,

@@ -18,7 +18,8 @@ How exceptions become problems (:func:`install_problem_handlers`):
     ``unsupported_transfer_syntax``. A DICOM in a transfer syntax no decoder handles is
     still a DICOM, the media type the client declared is right: 422, not 415.
   * **422** for ``aspect_ratio_out_of_range``: one side is more than
-    ``max_aspect_ratio`` times the other; such a strip is no radiograph.
+    ``max_aspect_ratio`` times the other; such a strip is no radiograph. The same for
+    ``image_too_small``, a side under ``min_image_side`` pixels.
   * **422** for ``image_too_large``: the pixel count exceeds the limit. 413 is kept for
     request bodies over the upload byte limit (``payload_too_large``); a small compressed
     file that decodes to a huge image is a property of its content, not of the request size.
@@ -83,6 +84,7 @@ MODEL_ERROR_STATUS: Mapping[str, int] = {
     "unsupported_transfer_syntax": 422,
     "image_too_large": 422,
     "aspect_ratio_out_of_range": 422,
+    "image_too_small": 422,
     # Text and files the client supplied.
     "invalid_report": 422,
     "invalid_manifest": 422,

@@ -24,6 +24,13 @@ followers never wait for a number, they only read what has committed.
 On PostgreSQL the same transaction sends ``NOTIFY convirt_changes``: it is delivered on
 commit and wakes the followers at once; they also poll, so a lost notification only
 delays a change by one poll interval.
+
+Pruning. Every change adds a row, so the feed would grow for ever. :func:`prune` deletes
+the records older than a retention period, always keeping the newest one (so that
+:func:`head` stays right), and raises the floor (``feed_floor``) to the last deleted
+``seq`` in the same transaction. A follower whose position is below the floor missed
+records it can no longer read, and rebuilds its index from the stored embeddings; one
+that was down for less than the retention period replays the tail as before.
 """
 
 from __future__ import annotations
@@ -31,12 +38,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, cast
 
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import CursorResult, delete, func, insert, select, text
 from sqlalchemy.orm import Session
 
-from app.models import Change, Embedding, utcnow
+from app.models import Change, Embedding, FeedFloor, utcnow
 
 #: The channel followers LISTEN on (PostgreSQL).
 NOTIFY_CHANNEL: Final = "convirt_changes"
@@ -116,6 +123,35 @@ def read_tail(session: Session, after: int, limit: int) -> list[ChangeRecord]:
         )
         for seq, op, model_id, image_id, created in rows
     ]
+
+
+def floor(session: Session) -> int:
+    """The highest ``seq`` that may have been pruned; 0 when nothing ever was."""
+    return int(session.scalar(select(FeedFloor.seq).where(FeedFloor.id == 1)) or 0)
+
+
+def prune(session: Session, before: dt.datetime) -> int:
+    """Delete the records created before ``before``, except the newest record; returns how
+    many went. Raises the floor to the last deleted ``seq``, in the caller's transaction.
+    """
+    if _is_postgresql(session):
+        # Writers wait meanwhile: the head read here cannot move under the delete.
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": FEED_LOCK_KEY})
+    newest = head(session)
+    last_old = session.scalar(
+        select(func.max(Change.seq)).where(Change.created_at < before, Change.seq < newest)
+    )
+    if last_old is None:
+        return 0
+    new_floor = int(last_old)
+    result = session.execute(delete(Change).where(Change.seq <= new_floor))
+    deleted = cast(CursorResult[Any], result).rowcount
+    current = session.get(FeedFloor, 1)
+    if current is None:
+        session.add(FeedFloor(id=1, seq=new_floor))
+    elif new_floor > current.seq:
+        current.seq = new_floor
+    return int(deleted or 0)
 
 
 def head_and_count(session: Session, model_id: str) -> tuple[int, int]:

@@ -16,6 +16,10 @@ follows the active model, and the runtime reloads its bundle.
 How far behind it is: :meth:`FeedFollower.lag` gives the changes committed past the
 index's position (as of the last round) and the seconds since the follower last saw the
 feed's head, an upper bound on how stale a search can be.
+
+A position below the feed's floor (:func:`app.services.feed.prune` deleted records this
+index never applied) cannot be replayed: the index is marked stale, and the runtime
+rebuilds it from the stored embeddings.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ logger = logging.getLogger(__name__)
 TAIL_BATCH: Final = 2048
 #: Longest wait before reconnecting a lost LISTEN connection, in seconds.
 MAX_LISTEN_BACKOFF_S: Final = 30.0
+#: The stale reason of an index whose position the feed was pruned past.
+PRUNED_PAST: Final = "the change feed was pruned past the index's position"
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,15 @@ class FeedFollower:
             while True:
                 with self.sessions() as session:
                     records = feed.read_tail(session, self.index.sequence, TAIL_BATCH)
+                    # Read after the tail: a prune committed before the tail was read is
+                    # seen here, and one committed later deleted nothing this round needs.
+                    if self.index.sequence < feed.floor(session):
+                        logger.warning(
+                            "index at feed position %d, below the pruned floor: rebuilding",
+                            self.index.sequence,
+                        )
+                        self.index.mark_stale(PRUNED_PAST)
+                        return applied
                     if records:
                         self._apply(session, records)
                 if not records:

@@ -153,6 +153,7 @@ class IngestService:
         metrics: Metrics,
         max_image_pixels: int,
         max_aspect_ratio: float | None = None,
+        min_side: int | None = None,
         budget: PixelBudget | None = None,
         batch_size: int = INGEST_BATCH,
     ) -> None:
@@ -163,6 +164,7 @@ class IngestService:
         self.metrics = metrics
         self.max_image_pixels = max_image_pixels
         self.max_aspect_ratio = max_aspect_ratio
+        self.min_side = min_side
         # Without a budget of its own (a command, a test), one as large as any image.
         self.budget = budget or PixelBudget(max_image_pixels, wait_s=float("inf"))
         self.batch_size = batch_size
@@ -186,6 +188,7 @@ class IngestService:
                 item.data,
                 max_pixels=self.max_image_pixels,
                 max_aspect_ratio=self.max_aspect_ratio,
+                min_side=self.min_side,
             )
             levels = quantize(decoded.pixels, decoded.meta.bits)  # (H, W)
         return DecodedItem(item, digest or content_hash(item.data), levels, decoded.meta)

@@ -195,6 +195,11 @@ def feed_head(sessions: sessionmaker[Session]) -> int:
         return feed.head(session)
 
 
+def feed_floor(sessions: sessionmaker[Session]) -> int:
+    with sessions() as session:
+        return feed.floor(session)
+
+
 def rebuild_index(
     sessions: sessionmaker[Session], *, model_id: str, dim: int, factory: str
 ) -> tuple[VectorIndex, int]:
@@ -315,8 +320,9 @@ def open_index(
     """Load the saved index if it can be trusted, else rebuild and save it.
 
     A snapshot with a known feed position is trusted as it is: the caller replays the
-    feed past the position. Without one (a save that predates the feed, or died halfway)
-    its ids are compared with the database's. Returns the index, the reason it was
+    feed past the position. Without one (a save that predates the feed, or died halfway),
+    or with one below the pruned floor (the records past it are gone), its ids are
+    compared with the database's. Returns the index, the reason it was
     rebuilt (None when the saved one was good), its feed position, and why saving the
     rebuilt index failed (None when saved). A rebuilt index that cannot be saved
     (``OSError``: a full disk) is returned all the same: the caller serves it and retries
@@ -329,7 +335,9 @@ def open_index(
         reason = f"saved index rejected ({exc.code})"
     else:
         sequence = read_position(index_dir, index)
-        if sequence is not None and index.factory == factory:
+        # A position below the pruned floor cannot be replayed from: the records past it
+        # are gone. Such a snapshot is compared with the database like one without.
+        if sequence is not None and sequence >= feed_floor(sessions) and index.factory == factory:
             logger.info("index snapshot at %s holds the feed up to %d", index_dir, sequence)
             return index, None, sequence, None
         # Read before the comparison, like a rebuild: what commits later is replayed.

@@ -14,6 +14,7 @@ worker thread.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 import logging
 import os
@@ -30,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import create_engine_for, ping, session_factory, upgrade_database
-from app.models import Image
+from app.models import Image, utcnow
 from app.services import feed
 from app.services.budget import BusyError, PixelBudget
 from app.services.classify import ClassifyService
@@ -124,6 +125,7 @@ class Runtime:
             metrics=metrics,
             max_image_pixels=settings.max_image_pixels,
             max_aspect_ratio=settings.max_aspect_ratio,
+            min_side=settings.min_image_side,
             budget=PixelBudget(settings.decode_pixel_budget, wait_s=settings.decode_wait_s),
         )
         # At most this many image jobs run at once; more wait (a bounded time) for a turn.
@@ -317,11 +319,28 @@ class Runtime:
             if due:
                 self._last_sweep = now
                 self.sweep_orphans()
+                self.prune_feed()
 
     def sweep_orphans(self) -> SweepReport:
         """Remove stored files that no row refers to (see :mod:`app.services.sweep`)."""
         with self.metrics.stage("store"):
             return sweep_orphans(self.sessions, self.store, grace_s=self.settings.orphan_grace_s)
+
+    def prune_feed(self) -> int:
+        """Delete change-feed records older than ``feed_retention_s``; returns how many."""
+        if self.settings.feed_retention_s <= 0:
+            return 0
+        before = utcnow() - dt.timedelta(seconds=self.settings.feed_retention_s)
+        try:
+            with self.sessions() as session, session.begin():
+                pruned = feed.prune(session, before)
+        except SQLAlchemyError as exc:
+            # Another round retries; a feed that is not pruned only takes space.
+            logger.warning("change feed not pruned: %s", type(exc).__name__)
+            return 0
+        if pruned:
+            logger.info("pruned %d change-feed records older than %s", pruned, before)
+        return pruned
 
     def readiness(self) -> Readiness:
         """Database reachable, the active model served, the index following the feed and,

@@ -7,8 +7,8 @@ evaluation harness all call :func:`decode_image` (or :func:`decode_file`) and ge
 The format is recognised from the bytes, never from a file name. Sizes are checked
 against ``max_pixels`` from the header, before any pixel data is decoded, so a small
 upload that claims a huge image is refused without allocating it; so is, when the caller
-gives ``max_aspect_ratio`` (the service does), a strip such as 1 × N that no radiograph
-is. Every failure is an
+gives ``max_aspect_ratio`` and ``min_side`` (the service does), a strip such as 1 × N or
+an icon that no radiograph is. Every failure is an
 :class:`ImageDecodeError` subclass with a stable ``code``; errors of pydicom and Pillow
 never escape unwrapped.
 
@@ -53,6 +53,9 @@ DEFAULT_MAX_PIXELS: int = 60_000_000
 #: A sensible ``max_aspect_ratio``: radiographs span about 1:2 to 2:1, long-leg and
 #: scoliosis films reach about 1:3; a 1 × N strip is no radiograph.
 DEFAULT_MAX_ASPECT_RATIO: float = 4.0
+#: A sensible ``min_side``: the model looks at 160-224 px; a picture under 32 px a side
+#: is an icon or a placeholder, and its embedding would match nothing it resembles.
+DEFAULT_MIN_SIDE: int = 32
 
 _DICM_OFFSET = 128
 _DICM = b"DICM"
@@ -128,6 +131,12 @@ class AspectRatioError(ImageDecodeError):
     code = "aspect_ratio_out_of_range"
 
 
+class ImageTooSmallError(ImageDecodeError):
+    """The image has a side shorter than ``min_side``."""
+
+    code = "image_too_small"
+
+
 @dataclass(frozen=True)
 class ImageMeta:
     """What is known about a decoded image besides its pixels; never patient identifiers.
@@ -183,7 +192,11 @@ def sniff_format(data: bytes) -> SourceFormat | None:
 
 
 def decode_image(
-    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: float | None = None
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect_ratio: float | None = None,
+    min_side: int | None = None,
 ) -> DecodedImage:
     """Decode DICOM, PNG or JPEG bytes into float32 ``(H, W)`` in ``[0, 1]``, air dark.
 
@@ -197,7 +210,9 @@ def decode_image(
     the effective limit is also capped by Pillow's ``Image.MAX_IMAGE_PIXELS``.
 
     ``max_aspect_ratio`` (None: unchecked) refuses, from the header, an image whose longer
-    side exceeds that many times its shorter side (:class:`AspectRatioError`).
+    side exceeds that many times its shorter side (:class:`AspectRatioError`);
+    ``min_side`` (None: unchecked) refuses one with a side shorter than that many pixels
+    (:class:`ImageTooSmallError`), from the header when it can be read, else once decoded.
 
     Raises:
         ImageDecodeError: a subclass with a stable ``code`` for every refusal.
@@ -207,14 +222,16 @@ def decode_image(
     fmt = sniff_format(data)
     if fmt is None:
         raise NotAnImageError("not a DICOM, PNG or JPEG image (unrecognised leading bytes)")
-    if max_aspect_ratio is not None:
+    if max_aspect_ratio is not None or min_side is not None:
         size = peek_size(data)
         if size is not None:
-            _check_aspect(*size, max_aspect_ratio)
+            _check_shape(*size, max_aspect_ratio, min_side)
     if fmt == "dicom":
         decoded = _decode_dicom(data, max_pixels)
     else:
         decoded = _decode_raster(data, fmt, max_pixels)
+    # A header that could not be peeked (a deflated DICOM) is checked on the pixels.
+    _check_shape(decoded.meta.width, decoded.meta.height, max_aspect_ratio, min_side)
     logger.debug(
         "decoded %s %dx%d (%d bits, %s)",
         fmt,
@@ -281,11 +298,20 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
         )
 
 
-def _check_aspect(width: int, height: int, max_aspect_ratio: float) -> None:
-    if width > 0 and height > 0 and max(width, height) > max_aspect_ratio * min(width, height):
+def _check_shape(
+    width: int, height: int, max_aspect_ratio: float | None, min_side: int | None
+) -> None:
+    if width <= 0 or height <= 0:
+        return  # no size at all: the decode reports it as corrupt
+    if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * min(width, height):
         raise AspectRatioError(
             f"image is {width}x{height}: one side is more than {max_aspect_ratio:g} times "
             "the other, which no radiograph is"
+        )
+    if min_side is not None and min(width, height) < min_side:
+        raise ImageTooSmallError(
+            f"image is {width}x{height}: a side is shorter than {min_side} pixels, too small "
+            "to be a radiograph"
         )
 
 

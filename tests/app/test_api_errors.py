@@ -65,6 +65,8 @@ def test_bad_uploads(client: TestClient) -> None:
     is_problem(upload(client, [_corrupt_dicom()]), 422, "corrupt_image")
     is_problem(upload(client, [b"name,age\nx,1\n"], content_type="text/csv"), 415, "not_an_image")
     is_problem(upload(client, [b""]), 415, "not_an_image")
+    is_problem(upload(client, [noise_png(7, size=(1, 1))]), 422, "image_too_small")
+    is_problem(upload(client, [noise_png(8, size=(31, 100))]), 422, "image_too_small")
     # The files failing differently: one problem naming each.
     mixed = upload(client, [_corrupt_dicom(), b"plain text"])
     is_problem(mixed, 422, "upload_failed")

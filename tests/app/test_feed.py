@@ -8,6 +8,7 @@ of sequence order, on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 import time
@@ -22,8 +23,9 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.db import create_engine_for_url, session_factory, upgrade_database
-from app.models import Change, EncoderModel, Image
+from app.models import Change, EncoderModel, Image, utcnow
 from app.services import feed, reconcile
+from app.services.follower import PRUNED_PAST
 from app.services.snapshot import FEED_POSITION_NAME
 from app.settings import Settings
 from model.bundle import EncoderBundle
@@ -57,13 +59,16 @@ def _searchable_ids(client: TestClient) -> set[int]:
     return {hit["image_id"] for hit in response.json()["hits"]}
 
 
-def _replica(tmp_path: Path, name: str, database_url: str, bundle_dir: Path) -> Settings:
+def _replica(
+    tmp_path: Path, name: str, database_url: str, bundle_dir: Path, **extra: Any
+) -> Settings:
     """Settings of one more process on the same database, with an index of its own."""
     return make_settings(
         tmp_path / "data",
         database_url,
         bundle_dir,
         index_dir=tmp_path / f"index-{name}",
+        **extra,
     )
 
 
@@ -305,3 +310,108 @@ def test_two_processes_registering_one_model_both_start(
         assert [(row.id, row.is_active) for row in rows] == [(bundle.model_id, True)]
     finally:
         engine.dispose()
+
+
+def _feed_rows(sessions: Callable[[], Session]) -> list[int]:
+    with sessions() as session:
+        return list(session.scalars(select(Change.seq).order_by(Change.seq)))
+
+
+def test_pruning_keeps_the_newest_record_and_raises_the_floor(database_url: str) -> None:
+    upgrade_database(database_url)
+    engine = create_engine_for_url(database_url)
+    sessions = session_factory(engine)
+    try:
+        with sessions() as session, session.begin():
+            # Nothing to prune in an empty feed.
+            assert feed.prune(session, utcnow() + dt.timedelta(days=1)) == 0
+            assert feed.floor(session) == 0
+            feed.record_adds(session, "sha256:" + "a" * 64, [1, 2, 3])
+        first = _feed_rows(sessions)
+        with sessions() as session, session.begin():
+            # Records newer than the cut stay.
+            assert feed.prune(session, utcnow() - dt.timedelta(days=1)) == 0
+        with sessions() as session, session.begin():
+            # Every record is older than this cut, but the newest one stays: the head
+            # must not go back.
+            assert feed.prune(session, utcnow() + dt.timedelta(days=1)) == 2
+        with sessions() as session:
+            assert feed.floor(session) == first[1]
+            assert feed.head(session) == first[2]
+        assert _feed_rows(sessions) == [first[2]]
+        with sessions() as session, session.begin():
+            feed.record_removes(session, [2])
+            assert feed.prune(session, utcnow() + dt.timedelta(days=1)) == 1
+        with sessions() as session:
+            # The floor only rises, numbers are never handed out again.
+            assert feed.floor(session) == first[2]
+            assert feed.read_tail(session, feed.floor(session), 10)[0].op == "remove"
+            assert feed.head(session) > first[2]
+    finally:
+        engine.dispose()
+
+
+def test_a_follower_behind_the_pruned_floor_rebuilds_its_index(
+    tmp_path: Path, database_url: str, bundle_dir: Path, bundle: EncoderBundle
+) -> None:
+    settings = make_settings(tmp_path / "data", database_url, bundle_dir)
+    other = _replica(tmp_path, "other", database_url, bundle_dir, feed_retention_s=0.001)
+    with running_app(settings, bundle) as client, running_app(other, bundle) as writer:
+        runtime = runtime_of(client)
+        upload(client, [noise_png(30)])
+        _wait_for(lambda: runtime_of(writer).index.ntotal == 1)
+        # This process stops following (as if it hung); the other adds and deletes, and
+        # the records it missed are pruned.
+        runtime.follower.stop()
+        results = upload(writer, [noise_png(31), noise_png(32)]).json()["results"]
+        assert writer.delete(f"/images/{results[0]['id']}").status_code == 204
+        time.sleep(0.01)
+        runtime_of(writer).prune_feed()
+        with runtime.sessions() as session:
+            assert feed.floor(session) > runtime.index.sequence
+        runtime.follower.catch_up()
+        assert runtime.index.stale_reason == PRUNED_PAST
+        # The next maintenance round rebuilds from the stored embeddings.
+        runtime.maintain()
+        assert runtime.index.stale_reason is None
+        assert runtime.index.ntotal == 2
+        assert results[1]["id"] in _searchable_ids(client)
+        assert_consistent(runtime)
+
+
+def test_a_snapshot_below_the_pruned_floor_is_not_replayed(
+    tmp_path: Path, database_url: str, bundle_dir: Path, bundle: EncoderBundle
+) -> None:
+    settings = make_settings(tmp_path / "data", database_url, bundle_dir)
+    with running_app(settings, bundle) as client:
+        stored = upload(client, [noise_png(33), noise_png(34)]).json()["results"]
+    # Another process deletes one and adds two while this one is down, and the feed is
+    # pruned down to its newest record: replayed, the snapshot would hold as many vectors
+    # as the database, but the deleted image's instead of the first added one's.
+    other = _replica(tmp_path, "other", database_url, bundle_dir, feed_retention_s=0.001)
+    with running_app(other, bundle) as writer:
+        assert writer.delete(f"/images/{stored[0]['id']}").status_code == 204
+        added = upload(writer, [noise_png(35), noise_png(36)]).json()["results"]
+        time.sleep(0.01)
+        runtime_of(writer).prune_feed()
+        with runtime_of(writer).sessions() as session:
+            assert feed.floor(session) > 0
+    with running_app(settings, bundle) as client:
+        runtime = runtime_of(client)
+        # Replaying from the snapshot would have missed the removal.
+        assert runtime.report.rebuilt
+        expected = sorted([stored[1]["id"], added[0]["id"], added[1]["id"]])
+        assert runtime.index.ids().tolist() == expected
+        assert_consistent(runtime)
+
+
+def test_retention_zero_never_prunes(
+    tmp_path: Path, database_url: str, bundle_dir: Path, bundle: EncoderBundle
+) -> None:
+    settings = make_settings(tmp_path / "data", database_url, bundle_dir, feed_retention_s=0)
+    with running_app(settings, bundle) as client:
+        runtime = runtime_of(client)
+        upload(client, [noise_png(37), noise_png(38)])
+        before = _feed_rows(runtime.sessions)
+        assert runtime.prune_feed() == 0
+        assert _feed_rows(runtime.sessions) == before

@@ -398,7 +398,7 @@ def _png_with_ihdr(color_type: int, bit_depth: int) -> bytes:
         crc = struct.pack(">I", zlib.crc32(kind + body))
         return struct.pack(">I", len(body)) + kind + body + crc
 
-    header = struct.pack(">IIBBBBB", 4, 4, bit_depth, color_type, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", 64, 64, bit_depth, color_type, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)

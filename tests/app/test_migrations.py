@@ -28,7 +28,7 @@ from app.db import (
 from app.models import Base
 
 #: The newest revision: what a fresh database is upgraded to.
-HEAD = "0004"
+HEAD = "0005"
 
 APP_TABLES = {
     "images",
@@ -37,6 +37,7 @@ APP_TABLES = {
     "evaluation_runs",
     "embedding_cache",
     "changes",
+    "feed_floor",
     "dicomweb_cursors",
     "dicomweb_series",
 }

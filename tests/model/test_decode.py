@@ -750,6 +750,26 @@ def test_strips_are_refused_from_the_header_only_when_asked() -> None:
     assert peek_size(Path(dicom).read_bytes()) == (int(ds.Columns), int(ds.Rows))
 
 
+def test_icons_are_refused_only_when_asked() -> None:
+    from model.inputs.decode import ImageTooSmallError
+
+    def png(height: int, width: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((height, width), 90, np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    for height, width in ((1, 1), (31, 40), (40, 31)):
+        with pytest.raises(ImageTooSmallError) as caught:
+            decode_image(png(height, width), min_side=32)
+        assert caught.value.code == "image_too_small"
+        assert f"{width}x{height}" in str(caught.value)
+        assert decode_image(png(height, width)).pixels.shape == (height, width)
+    assert decode_image(png(32, 32), min_side=32).pixels.shape == (32, 32)
+    # A DICOM too, from its Rows and Columns.
+    with pytest.raises(ImageTooSmallError):
+        decode_image(make_dicom(np.zeros((8, 8), np.uint16)), min_side=32)
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_exif_orientation_is_applied(fmt: str) -> None:
     """A picture stored on its side with EXIF Orientation 6 decodes the way viewers show it."""
