@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import threading
 from typing import Any
 
-from pydantic import ValidationError
-
-from app.commands.serve import add_settings_arguments, settings_from_args
-from app.errors import AppError
-from model.errors import ModelError
+from app.commands.serve import (
+    add_settings_arguments,
+    command_settings,
+    start_runtime,
+    stop_on_signals,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +72,8 @@ def run(args: argparse.Namespace) -> int:
         "dicom_calling_aes": args.calling_ae,
         "dicom_accept_any_caller": args.accept_any_caller,
     }
-    try:
-        settings = settings_from_args(args, **extra)
-    except ValidationError as exc:
-        logger.error("invalid settings: %s", exc)
+    settings = command_settings(args, **extra)
+    if settings is None:
         return 2
     if not settings.dicom_calling_aes and not settings.dicom_accept_any_caller:
         logger.error(
@@ -85,16 +82,11 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     from app.services.dicom_node import DicomNode
-    from app.services.runtime import Runtime
 
-    try:
-        runtime = Runtime.start(settings)
-    except (AppError, ModelError) as exc:
-        logger.error("cannot start: %s", exc)
+    runtime = start_runtime(settings)
+    if runtime is None:
         return 1
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = stop_on_signals()
     node = DicomNode(runtime)
     try:
         try:

@@ -19,16 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
 from typing import Any
 
-from pydantic import ValidationError
-
-from app.commands.serve import add_settings_arguments, settings_from_args
+from app.commands.serve import (
+    add_settings_arguments,
+    command_settings,
+    start_runtime,
+    stop_on_signals,
+)
 from app.errors import AppError
-from model.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -63,29 +63,22 @@ def run(args: argparse.Namespace) -> int:
         logger.error("--batch-size must be at least 1")
         return 2
     extra = {} if args.poll_seconds is None else {"dicomweb_poll_seconds": args.poll_seconds}
-    try:
-        settings = settings_from_args(args, **extra)
-    except ValidationError as exc:
-        logger.error("invalid settings: %s", exc)
+    settings = command_settings(args, **extra)
+    if settings is None:
         return 2
     from app.services.dicomweb_follower import DicomwebFollower, source_key
-    from app.services.runtime import Runtime
 
     try:
         source_key(args.url)
     except AppError as exc:
         logger.error("%s", exc)
         return 2
-    try:
-        runtime = Runtime.start(settings)
-    except (AppError, ModelError) as exc:
-        logger.error("cannot start: %s", exc)
+    runtime = start_runtime(settings)
+    if runtime is None:
         return 1
     import requests
 
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = stop_on_signals()
     try:
         follower = DicomwebFollower(runtime, args.url, mode=args.mode, batch_size=args.batch_size)
         if not args.once:

@@ -42,8 +42,7 @@ from typing import TYPE_CHECKING, Any, Final
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from app.commands.serve import add_settings_arguments, settings_from_args
-from app.errors import AppError
+from app.commands.serve import add_settings_arguments, settings_from_args, start_runtime
 from model.data.manifest import read_manifest
 from model.errors import ModelError
 
@@ -244,12 +243,8 @@ def run(args: argparse.Namespace) -> int:
         logger.info("shard %d/%d: %d of %d files", shard.index, shard.count, len(sources), total)
         _use_local_gpu(os.environ)
     logger.info("%d files to ingest from %s", len(sources), args.path)
-    from app.services.runtime import Runtime
-
-    try:
-        runtime = Runtime.start(settings)
-    except (AppError, ModelError) as exc:
-        logger.error("cannot start: %s", exc)
+    runtime = start_runtime(settings)
+    if runtime is None:
         return 1
     start = time.perf_counter()
     try:

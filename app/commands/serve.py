@@ -7,8 +7,10 @@ answers any request alike, and ``/metrics`` adds up all of them.
 Refuses to listen beyond loopback without API keys unless anonymous access is intended
 (``--allow-anonymous`` or ``CONVIRT_ALLOW_ANONYMOUS=true``).
 
-Also home of the settings options the service commands share (``--data-dir`` …) and of
-the settings check of every process that listens (:func:`serving_settings`).
+Also home of the settings options the service commands share (``--data-dir`` …), of
+the settings check of every process that listens (:func:`serving_settings`), and of the
+start and stop of the commands that run a runtime of their own (:func:`start_runtime`,
+:func:`stop_on_signals`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,19 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import tempfile
-from typing import Any
+import threading
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from app.errors import AppError
 from app.settings import InsecureExposureError, Settings
+from model.errors import ModelError
+
+if TYPE_CHECKING:
+    from app.services.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +62,35 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
     overrides = {dest: getattr(args, dest) for _, dest, _ in _SETTINGS_OPTIONS}
     overrides.update(extra)
     return Settings(**_given(overrides))
+
+
+def command_settings(args: argparse.Namespace, **extra: Any) -> Settings | None:
+    """:func:`settings_from_args`, or ``None`` with the reason logged (the caller exits 2)."""
+    try:
+        return settings_from_args(args, **extra)
+    except ValidationError as exc:
+        logger.error("invalid settings: %s", exc)
+        return None
+
+
+def start_runtime(settings: Settings) -> Runtime | None:
+    """The database, bundle and index of a command, or ``None`` with the reason logged
+    (the caller exits 1). Imported here, not at the top: it loads torch."""
+    from app.services.runtime import Runtime
+
+    try:
+        return Runtime.start(settings)
+    except (AppError, ModelError) as exc:
+        logger.error("cannot start: %s", exc)
+        return None
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGINT or SIGTERM sets: what a command that runs until told waits on."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
 
 
 def serving_settings(**overrides: Any) -> Settings | None:

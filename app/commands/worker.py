@@ -17,11 +17,7 @@ import signal
 from types import FrameType
 from typing import Any
 
-from pydantic import ValidationError
-
-from app.commands.serve import add_settings_arguments, settings_from_args
-from app.errors import AppError
-from model.errors import ModelError
+from app.commands.serve import add_settings_arguments, command_settings, start_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -38,20 +34,15 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = settings_from_args(args)
-    except ValidationError as exc:
-        logger.error("invalid settings: %s", exc)
+    settings = command_settings(args)
+    if settings is None:
         return 2
     logging.getLogger().setLevel(settings.log_level)
     from app.services.evaluations import EvaluationJobs
     from app.services.job_worker import JobWorker
-    from app.services.runtime import Runtime
 
-    try:
-        runtime = Runtime.start(settings)
-    except (AppError, ModelError) as exc:
-        logger.error("cannot start: %s", exc)
+    runtime = start_runtime(settings)
+    if runtime is None:
         return 1
     jobs = EvaluationJobs(lease_s=settings.evaluation_lease_s)
     worker = JobWorker(jobs, lambda: runtime)
