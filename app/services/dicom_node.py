@@ -11,8 +11,8 @@ What happens to one received instance (in the association's own thread):
    instances waits for earlier ones instead of filling memory, and one that finds no room
    within ``CONVIRT_DECODE_WAIT_S`` gets ``0xA700`` (out of resources: the sender retries
    later); an instance that the decoder
-   refuses gets ``0xA900`` (colour, multi-frame, no pixel data: not what this node stores)
-   or ``0xC000`` (cannot understand: corrupt, unsupported transfer syntax, too large);
+   refuses gets ``0xA900`` (colour, multi-frame, no pixel data, a side under
+   ``CONVIRT_MIN_IMAGE_SIDE`` or a strip's shape: not what this node stores) or ``0xC000`` (cannot understand: corrupt, unsupported transfer syntax, too large);
 3. the bytes are written to the staging directory under the data directory and fsynced
    (file and directory), and only then is success (``0x0000``) returned; a full disk
    gives ``0xA700`` (out of resources);
@@ -71,7 +71,15 @@ STATUS_NOT_STORED_HERE: Final = 0xA900
 STATUS_CANNOT_UNDERSTAND: Final = 0xC000
 
 #: Decoder refusals that mean "a valid image, but not one this node stores".
-_NOT_A_RADIOGRAPH_CODES: Final = frozenset({"color_dicom", "multi_frame", "no_pixel_data"})
+_NOT_A_RADIOGRAPH_CODES: Final = frozenset(
+    {
+        "color_dicom",
+        "multi_frame",
+        "no_pixel_data",
+        "image_too_small",
+        "aspect_ratio_out_of_range",
+    }
+)
 
 #: Directory below the data directory where received instances wait for their commit.
 STAGING_DIRNAME: Final = "dicom-staging"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -160,13 +161,16 @@ def test_instances_that_are_not_radiographs_get_a_failure_status(
         synthetic_dicom(pixels, modality="MR"),
         synthetic_dicom(pixels, modality="DX", colour=True),
         synthetic_dicom(pixels, modality="DX", frames=3),
+        # An icon and a strip: no radiograph has their shape.
+        synthetic_dicom(np.ascontiguousarray(pixels[:16, :16]), modality="DX"),
+        synthetic_dicom(np.ascontiguousarray(pixels[:40, :]), modality="CR"),
     ]
     no_pixels = synthetic_dicom(pixels, modality="CR")
     del no_pixels.PixelData
     statuses = _send(node, [*refused, no_pixels, synthetic_dicom(pixels, modality="DX")])
 
     # The association survives every refusal: the last, valid instance is still stored.
-    assert statuses == [STATUS_NOT_STORED_HERE] * 5 + [STATUS_SUCCESS]
+    assert statuses == [STATUS_NOT_STORED_HERE] * 7 + [STATUS_SUCCESS]
     node.stop()
     assert len(_rows(node)) == 1
     assert node.runtime.index.ntotal == 1
