@@ -10,9 +10,10 @@ What happens to one received instance (in the association's own thread):
    pixels hold their share until the ingest thread has stored them, so a burst of large
    instances waits for earlier ones instead of filling memory, and one that finds no room
    within ``CONVIRT_DECODE_WAIT_S`` gets ``0xA700`` (out of resources: the sender retries
-   later); an instance that the decoder
-   refuses gets ``0xA900`` (colour, multi-frame, no pixel data, a side under
-   ``CONVIRT_MIN_IMAGE_SIDE`` or a strip's shape: not what this node stores) or ``0xC000`` (cannot understand: corrupt, unsupported transfer syntax, too large);
+   later); an instance that the decoder refuses gets ``0xA900`` (colour, multi-frame,
+   no pixel data, a side under ``CONVIRT_MIN_IMAGE_SIDE`` or a strip's shape: not what
+   this node stores) or ``0xC000`` (cannot understand: corrupt, unsupported transfer
+   syntax, too large);
 3. the bytes are written to the staging directory under the data directory and fsynced
    (file and directory), and only then is success (``0x0000``) returned; a full disk
    gives ``0xA700`` (out of resources);
