@@ -239,3 +239,15 @@ def test_dicomweb_auth_is_basic_or_bearer_never_both() -> None:
     with pytest.raises(ValidationError, match="both a user name and a password"):
         Settings(dicomweb_username="u")
     assert Settings().viewer_url("1.2.3") is None
+
+
+def test_every_setting_has_a_row_in_the_readme_table() -> None:
+    """A setting added without its row in the README's table is invisible to operators."""
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    rows = [line for line in readme.read_text(encoding="utf-8").splitlines() if line[:1] == "|"]
+    undocumented = [
+        name
+        for name in Settings.model_fields
+        if not any(f"`CONVIRT_{name.upper()}`" in row for row in rows)
+    ]
+    assert undocumented == []
