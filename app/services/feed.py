@@ -49,6 +49,9 @@ from app.models import Change, Embedding, FeedFloor, utcnow
 NOTIFY_CHANNEL: Final = "convirt_changes"
 #: Key of the advisory lock that serialises feed writes (PostgreSQL); "feed" in ASCII.
 FEED_LOCK_KEY: Final = 0x66656564
+#: Records deleted per pruning transaction: writers wait on the feed's lock meanwhile, so
+#: a first prune of millions of rows goes in short steps rather than one long one.
+PRUNE_BATCH: Final = 10_000
 
 
 @dataclass(frozen=True)
@@ -130,17 +133,23 @@ def floor(session: Session) -> int:
     return int(session.scalar(select(FeedFloor.seq).where(FeedFloor.id == 1)) or 0)
 
 
-def prune(session: Session, before: dt.datetime) -> int:
-    """Delete the records created before ``before``, except the newest record; returns how
-    many went. Raises the floor to the last deleted ``seq``, in the caller's transaction.
+def prune(session: Session, before: dt.datetime, *, limit: int = PRUNE_BATCH) -> int:
+    """Delete the oldest ``limit`` records created before ``before``, never the newest
+    record; returns how many went. Raises the floor to the last deleted ``seq``, in the
+    caller's transaction. Fewer than ``limit`` deleted means none is left to prune.
     """
     if _is_postgresql(session):
         # Writers wait meanwhile: the head read here cannot move under the delete.
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": FEED_LOCK_KEY})
     newest = head(session)
-    last_old = session.scalar(
-        select(func.max(Change.seq)).where(Change.created_at < before, Change.seq < newest)
+    oldest = (
+        select(Change.seq)
+        .where(Change.created_at < before, Change.seq < newest)
+        .order_by(Change.seq)
+        .limit(limit)
+        .subquery()
     )
+    last_old = session.scalar(select(func.max(oldest.c.seq)))
     if last_old is None:
         return 0
     new_floor = int(last_old)

@@ -331,13 +331,17 @@ class Runtime:
         if self.settings.feed_retention_s <= 0:
             return 0
         before = utcnow() - dt.timedelta(seconds=self.settings.feed_retention_s)
+        pruned = 0
         try:
-            with self.sessions() as session, session.begin():
-                pruned = feed.prune(session, before)
+            while True:
+                with self.sessions() as session, session.begin():
+                    step = feed.prune(session, before)
+                pruned += step
+                if step < feed.PRUNE_BATCH:
+                    break
         except SQLAlchemyError as exc:
             # Another round retries; a feed that is not pruned only takes space.
             logger.warning("change feed not pruned: %s", type(exc).__name__)
-            return 0
         if pruned:
             logger.info("pruned %d change-feed records older than %s", pruned, before)
         return pruned

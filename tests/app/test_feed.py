@@ -332,9 +332,13 @@ def test_pruning_keeps_the_newest_record_and_raises_the_floor(database_url: str)
             # Records newer than the cut stay.
             assert feed.prune(session, utcnow() - dt.timedelta(days=1)) == 0
         with sessions() as session, session.begin():
+            # In steps: the oldest first.
+            assert feed.prune(session, utcnow() + dt.timedelta(days=1), limit=1) == 1
+            assert feed.floor(session) == first[0]
+        with sessions() as session, session.begin():
             # Every record is older than this cut, but the newest one stays: the head
             # must not go back.
-            assert feed.prune(session, utcnow() + dt.timedelta(days=1)) == 2
+            assert feed.prune(session, utcnow() + dt.timedelta(days=1)) == 1
         with sessions() as session:
             assert feed.floor(session) == first[1]
             assert feed.head(session) == first[2]
