@@ -219,8 +219,10 @@ def export_bundle(
         name=name or checkpoint_run_name(checkpoint),
         source=source,
         provenance=provenance,
-        # Zero-shot classification scales similarities by the temperature the run trained with.
-        temperature=checkpoint_temperature(checkpoint),
+        # Zero-shot classification scales similarities by the temperature the run trained
+        # with; an anchored model's text-image similarities are shorter by text_scale, and
+        # its temperature shrinks with them so probabilities stay those of training.
+        temperature=checkpoint_temperature(checkpoint) * getattr(model, "text_scale", 1.0),
     )
 
 
@@ -465,6 +467,10 @@ class EncoderBundle:
     @property
     def temperature(self) -> float:
         """The InfoNCE temperature τ of training (similarities are divided by it).
+
+        For a model with an image anchor it is τ times the model's ``text_scale``: its
+        text–image similarities are shorter by that factor than the learned parts' were
+        in training.
 
         Bundles exported before the config recorded it fall back to the loss's default,
         ConVIRT's τ = 0.1.

@@ -125,8 +125,9 @@ class ProjectionConfig:
     features into the shared space and drops dimensions but stretches none, so what lies
     near what among images is the backbone's own geometry within the kept subspace. With
     a frozen pretrained backbone, image→image search then keeps the backbone's general
-    sight on images unlike the training corpus (see cpu-small). Training and its
-    validation loss use the learned head as it is.
+    sight on images unlike the training corpus, but learns nothing in its features (the
+    comparison with :class:`AnchorConfig`, which lets the backbone learn, is in
+    cpu-small). Training and its validation loss use the learned head as it is.
     """
 
     dim: int = 512
@@ -142,6 +143,40 @@ class ProjectionConfig:
             raise InvalidConfigError(f"dim: {self.dim} is not positive")
         if self.hidden_dim is not None and self.hidden_dim < 1:
             raise InvalidConfigError(f"hidden_dim: {self.hidden_dim} is not positive")
+
+
+@dataclass
+class AnchorConfig:
+    """A frozen copy of the image backbone beside the learning one (image→image search).
+
+    The image embedding has two unit-length parts, concatenated into
+    ``anchor.dim + projection.dim`` dimensions:
+
+    - the anchor: the untrained backbone's pooled features, centred and projected onto
+      their ``dim`` principal directions among the training images (fitted once, before
+      the first step, on up to ``fit_images`` of them), scaled by ``sqrt(weight)``;
+    - the learned part: the trained tower and head, scaled by ``sqrt(1 - weight)``.
+
+    Text embeddings are zero on the anchor's dimensions. So image→image similarity is
+    ``weight * anchor cosine + (1 - weight) * learned cosine``, which keeps the pretrained
+    backbone's sight on images unlike the training corpus, while text→image ranking and
+    zero-shot classification are the learned model's alone, and the learned tower is
+    free to learn (its features are what the linear probe reads). Training sees only
+    the learned part. Each image passes through both backbones, which doubles the cost
+    of embedding an image.
+    """
+
+    dim: int = 256
+    weight: float = 0.7
+    fit_images: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.dim < 1:
+            raise InvalidConfigError(f"anchor.dim: {self.dim} is not positive")
+        if not 0.0 < self.weight < 1.0:
+            raise InvalidConfigError(f"anchor.weight: {self.weight!r} is not inside (0, 1)")
+        if self.fit_images < 1:
+            raise InvalidConfigError(f"anchor.fit_images: {self.fit_images} is not positive")
 
 
 @dataclass
@@ -244,12 +279,26 @@ class ModelConfig:
     With ``imported`` set the model is that published image–text model instead, and
     ``image``/``text`` are unused; ``projection.dim`` then records the model's own
     embedding size (``convirt import`` sets it), which everything downstream follows.
+
+    ``anchor`` (ConVIRT models only) adds a frozen copy of the image backbone to the
+    image embedding: see :class:`AnchorConfig`. The shared space then has
+    ``anchor.dim + projection.dim`` dimensions.
     """
 
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     imported: ImportedModelConfig | None = None
+    anchor: AnchorConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.anchor is not None and self.imported is not None:
+            raise InvalidConfigError("anchor: an imported model has no backbone to anchor")
+
+    @property
+    def embedding_dim(self) -> int:
+        """Size of the shared space: the projection's, plus the anchor's when there is one."""
+        return self.projection.dim + (self.anchor.dim if self.anchor is not None else 0)
 
 
 def _join(path: str, key: str) -> str:

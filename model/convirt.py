@@ -16,12 +16,18 @@ Contract notes (additions to the agreed surface; nothing in it changed):
 
 Submodules: ``image_encoder`` (an :class:`~model.towers.image.ImageTower`),
 ``text_encoder`` (a :class:`~model.towers.text.TextTower`), ``image_projection`` and
-``text_projection`` (:class:`~model.towers.heads.ProjectionHead`).
+``text_projection`` (:class:`~model.towers.heads.ProjectionHead`), and ``image_anchor``
+(an :class:`~model.towers.anchor.ImageAnchor`, or None) when the config has an anchor.
+
+With an anchor, :meth:`ConVIRT.encode_image` and :meth:`ConVIRT.encode_text` give the
+served space (anchor part, then learned part; see ``AnchorConfig``), while
+:meth:`ConVIRT.forward`, which training calls, gives the learned parts alone.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,7 @@ from torch import nn
 from model.config import AugmentConfig, ModelConfig
 from model.errors import ModelError
 from model.imported import ImportedDualEncoder
+from model.towers.anchor import ImageAnchor
 from model.towers.heads import ProjectionHead
 from model.towers.image import build_image_tower
 from model.towers.text import TextTower
@@ -71,11 +78,26 @@ class ConVIRT(nn.Module):
             orthogonal=config.projection.image_orthogonal,
         )
         self.text_projection = ProjectionHead(self.text_encoder.out_dim, config.projection)
+        self.image_anchor = (
+            ImageAnchor(config.image, config.anchor, pretrained=pretrained)
+            if config.anchor is not None
+            else None
+        )
 
     @property
     def dim(self) -> int:
-        """Size of the shared embedding space."""
-        return self.config.projection.dim
+        """Size of the shared embedding space (the anchor's dimensions included)."""
+        return self.config.embedding_dim
+
+    @property
+    def text_scale(self) -> float:
+        """Text–image cosine in the served space ÷ the learned parts' cosine.
+
+        1 without an anchor; ``sqrt(1 - anchor.weight)`` with one, since text is zero on
+        the anchor's dimensions and the learned part of an image has that length.
+        """
+        anchor = self.config.anchor
+        return 1.0 if anchor is None else math.sqrt(1.0 - anchor.weight)
 
     @property
     def tokenizer(self) -> Any:
@@ -117,27 +139,61 @@ class ConVIRT(nn.Module):
             raise ModelInputError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
         return self.image_encoder(x.to(self._device()))  # (B, F)
 
-    def encode_image(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """(B, 3, H, W) normalised images → (B, dim), L2-normalised unless ``normalize=False``."""
-        projected = self.image_projection(self.image_backbone_features(x))  # (B, dim)
-        return F.normalize(projected, dim=-1) if normalize else projected
+    def _project_image(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → (B, projection.dim) learned projection, not normalised."""
+        return self.image_projection(self.image_backbone_features(x))  # (B, P)
 
-    def encode_text(
-        self, tokens: Mapping[str, torch.Tensor], normalize: bool = True
-    ) -> torch.Tensor:
-        """Tokens from :meth:`tokenize`, (B, T) each → (B, dim), L2-normalised by default."""
+    def _project_text(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Tokens, (B, T) each → (B, projection.dim) learned projection, not normalised."""
         if "input_ids" not in tokens or "attention_mask" not in tokens:
             raise ModelInputError("tokens need 'input_ids' and 'attention_mask'")
         device = self._device()
         on_device = {k: tokens[k].to(device) for k in ("input_ids", "attention_mask")}
-        projected = self.text_projection(self.text_encoder(on_device))  # (B, dim)
-        return F.normalize(projected, dim=-1) if normalize else projected
+        return self.text_projection(self.text_encoder(on_device))  # (B, P)
+
+    def encode_image(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) normalised images → (B, dim), L2-normalised unless ``normalize=False``.
+
+        With an anchor the result is always unit length: its two parts are weighted as
+        unit vectors (``AnchorConfig``), so there is no raw projection to return.
+        """
+        projected = self._project_image(x)  # (B, P)
+        if self.image_anchor is None or self.config.anchor is None:
+            return F.normalize(projected, dim=-1) if normalize else projected
+        weight = self.config.anchor.weight
+        anchored = self.image_anchor(x.to(self._device()))  # (B, A)
+        return torch.cat(
+            [
+                math.sqrt(weight) * F.normalize(anchored, dim=-1),
+                math.sqrt(1.0 - weight) * F.normalize(projected.float(), dim=-1),
+            ],
+            dim=-1,
+        )  # (B, A + P)
+
+    def encode_text(
+        self, tokens: Mapping[str, torch.Tensor], normalize: bool = True
+    ) -> torch.Tensor:
+        """Tokens from :meth:`tokenize`, (B, T) each → (B, dim), L2-normalised by default.
+
+        With an anchor the text lies in the learned part only (zeros first) and is unit
+        length whatever ``normalize`` says.
+        """
+        projected = self._project_text(tokens)  # (B, P)
+        if self.image_anchor is None:
+            return F.normalize(projected, dim=-1) if normalize else projected
+        zeros = projected.new_zeros(projected.shape[0], self.image_anchor.dim)  # (B, A)
+        return torch.cat([zeros, F.normalize(projected, dim=-1)], dim=-1)  # (B, A + P)
 
     def forward(
         self, images: torch.Tensor, tokens: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, 3, H, W), tokens (B, T) → L2-normalised (B, dim) image and text embeddings."""
-        return self.encode_image(images), self.encode_text(tokens)
+        """Images (B, 3, H, W), tokens (B, T) → L2-normalised (B, P) image and text embeddings.
+
+        These are the learned parts, which the contrastive loss trains; without an anchor
+        they are the whole embeddings.
+        """
+        image = F.normalize(self._project_image(images), dim=-1)  # (B, P)
+        return image, F.normalize(self._project_text(tokens), dim=-1)
 
     def save_tokenizer(self, out_dir: Path) -> None:
         """Write the tokenizer files and the text encoder's config (no weights) to ``out_dir``."""

@@ -184,8 +184,8 @@ def prepare_corpus(paths: DemoPaths, n: int, *, progress: bool) -> str:
 #: whose few sentences name the findings (the body's many normal-anatomy sentences are
 #: shared by most studies and act as false negatives in a batch), at 3x the paper's rate.
 #: Measured on 2,000 synthetic studies: the loss leaves chance within 100 steps this way and
-#: not within 60 with the paper's settings. The backbone keeps its ImageNet sight through
-#: the cpu-small config itself (a frozen backbone, an orthogonal image head), whose
+#: not within 60 with the paper's settings. Real radiographs keep the ImageNet
+#: backbone's neighbours through the cpu-small config itself (its image anchor), whose
 #: comment gives the measurement; nothing here undoes it.
 DEMO_TRAIN_OVERRIDES: Final[tuple[str, ...]] = ("data.text_section=impression", "optim.lr=3e-4")
 

@@ -115,6 +115,13 @@ def test_demo_prepares_then_reuses_everything(tmp_path: Path) -> None:
     assert third["model_id"] == model_id
     assert _mtimes(demo_dir / "run") == run_files
 
+    # The demo's model: a learning image tower beside its untouched ImageNet copy (the
+    # anchor), 256 + 256 dimensions.
+    config = json.loads((bundle_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["dim"] == 512
+    assert config["model"]["anchor"]["dim"] == 256
+    assert config["model"]["projection"]["dim"] == 256
+
     # What the demo serves: ready, every study stored with its report, searchable.
     studies = {r.study_id: r for r in read_manifest(demo_dir / "corpus" / "manifest.csv")}
     assert len(studies) == N_STUDIES
@@ -130,6 +137,11 @@ def test_demo_prepares_then_reuses_everything(tmp_path: Path) -> None:
         study = studies[first_hit["study_ref"]]
         assert first_hit["report_text"] == study.report
         assert first_hit["labels"] == study.labels
+        # An uploaded copy of a stored image finds it first, embedded as at ingest.
+        upload = ("q.png", study.image_path.read_bytes(), "image/png")
+        own = client.post("/search/image", files={"file": upload}, data={"k": "3"}).json()
+        assert own["hits"][0]["image_id"] == hits["hits"][0]["image_id"]
+        assert own["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
         assert client.get("/").status_code == 200
 
 

@@ -23,7 +23,11 @@ def test_cpu_small_config_uses_the_offline_default_towers() -> None:
     assert config.model.image.name == "efficientnet_lite0"
     assert config.model.image.pretrained is True
     assert config.model.text.path_or_id is None  # the MiniLM wheel
-    assert config.model.projection.dim == 512
+    # 256 learned dimensions and 256 of the frozen backbone's anchor: 512 in all.
+    assert config.model.projection.dim == 256
+    assert config.model.anchor is not None
+    assert config.model.anchor.dim == 256
+    assert config.model.embedding_dim == 512
     assert config.optim.lr == pytest.approx(1e-4)
     assert config.optim.weight_decay == pytest.approx(1e-6)
 

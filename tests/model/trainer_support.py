@@ -70,13 +70,14 @@ def tiny_config(
             "data.batch_size=8",
             "data.num_workers=0",
             "optim.lr=1e-3",
-            # The trainer's mechanics, not cpu-small's backbone-keeping recipe (a frozen
-            # backbone, frozen batch-norm statistics, linear heads), which the tiny towers
-            # do not need.
+            # The trainer's mechanics, not cpu-small's backbone-keeping recipe (a slow
+            # backbone, frozen batch-norm statistics, the anchor), which the tiny towers
+            # do not need; tests/model/test_anchor.py adds the anchor back.
             "optim.image_backbone_lr_scale=1.0",
             "model.image.freeze_batchnorm=false",
             "model.projection.kind=nonlinear",
             "model.projection.image_orthogonal=false",
+            "model.anchor=null",
             "optim.warmup_steps=2",
             "train.epochs=2",
             "train.progress=false",
