@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.bundle import EncoderBundle, export_bundle
+from model.bundle import EncoderBundle, bundle_init, export_bundle
 from model.checkpoint import load_checkpoint
 from model.config import (
     AnchorConfig,
@@ -22,11 +22,13 @@ from model.config import (
     ImportedModelConfig,
     InvalidConfigError,
     ModelConfig,
+    config_to_dict,
 )
 from model.convirt import ConVIRT, build_model
 from model.data.manifest import read_manifest
 from model.inputs.decode import decode_file
 from model.towers.anchor import AnchorNotFittedError, ImageAnchor
+from model.training.config import train_config_from_dict, train_config_to_dict
 from model.training.trainer import train
 from tests.model.trainer_support import NO_AUGMENT, tiny_config
 
@@ -180,3 +182,14 @@ def test_training_fits_the_anchor_once_never_moves_it_and_the_bundle_carries_it(
     np.testing.assert_allclose(np.linalg.norm(vectors[:, :8], axis=1), 0.8, atol=1e-5)
     texts = bundle.encode_texts(["Small left pleural effusion."])
     assert not texts[:, :8].any()
+
+    # Fine-tuning the bundle (convirt train --init-from) keeps its fitted anchor as it is.
+    model_config, weights = bundle_init(tmp_path / "bundle")
+    assert model_config.anchor == config.model.anchor
+    data = train_config_to_dict(config)
+    data["model"] = config_to_dict(model_config)  # as convirt train --init-from does
+    data["train"]["out_dir"] = str(tmp_path / "tuned")
+    tuned = train(train_config_from_dict(data), init_weights=weights)
+    tuned_state = load_checkpoint(tuned.last_checkpoint)["model"]
+    for key in ("image_anchor.mean", "image_anchor.basis"):
+        torch.testing.assert_close(tuned_state[key], state[key], rtol=0, atol=0)
