@@ -215,6 +215,26 @@ def split_records(
     return train, val
 
 
+def spread_image_batches(
+    records: Sequence[PairedRecord],
+    count: int,
+    transform: Callable[[np.ndarray], torch.Tensor],
+    batch_size: int,
+) -> Iterator[torch.Tensor]:
+    """(b, 3, S, S) batches of ``count`` images spread evenly over ``records``.
+
+    Seen as evaluation sees them (``transform`` is an eval transform, no augmentation);
+    nothing here draws random numbers, so a run's resume stays exact.
+    """
+    from model.inputs.decode import decode_file
+
+    picks = np.unique(np.linspace(0, len(records) - 1, min(count, len(records))).round())
+    chosen = [records[int(i)] for i in picks]
+    for start in range(0, len(chosen), batch_size):
+        batch = chosen[start : start + batch_size]
+        yield torch.stack([transform(decode_file(r.image_path).pixels) for r in batch])
+
+
 def make_loader(
     dataset: PairDataset,
     sampler: EpochBatchSampler,

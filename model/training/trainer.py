@@ -47,6 +47,7 @@ from model.training.data import (
     load_records,
     make_loader,
     split_records,
+    spread_image_batches,
 )
 from model.training.distributed import (
     StopFlag,
@@ -228,32 +229,16 @@ class Trainer:
         self._set_up_validation()
 
     def _fit_anchor(self) -> None:
-        """Fit a new image anchor's projection on training images (see ``AnchorConfig``).
-
-        A resumed or initialised model brings its fitted anchor along. The images are an
-        even spread over the training split, seen as evaluation sees them (no
-        augmentation); nothing here draws random numbers, so resume stays exact.
-        """
-        from model.inputs.decode import decode_file
-
+        """Fit a new image anchor on training images; a resumed or initialised one stays."""
         anchor = getattr(self.module, "image_anchor", None)
         settings = self.config.model.anchor
         if anchor is None or settings is None or anchor.is_fitted:
             return
-        count = min(settings.fit_images, len(self.train_records))
-        picks = np.linspace(0, len(self.train_records) - 1, count).round().astype(int)
-        records = [self.train_records[i] for i in np.unique(picks)]
-        batch_size = self.config.data.batch_size
-        chunks: list[torch.Tensor] = []
-        for start in range(0, len(records), batch_size):
-            batch = torch.stack(
-                [
-                    self.eval_transform(decode_file(record.image_path).pixels)
-                    for record in records[start : start + batch_size]
-                ]
-            )  # (b, 3, S, S)
-            chunks.append(anchor.features(self._to_device(batch)).cpu())  # (b, F)
-        anchor.fit(torch.cat(chunks))
+        size = self.config.data.batch_size
+        batches = spread_image_batches(
+            self.train_records, settings.fit_images, self.eval_transform, size
+        )
+        anchor.fit(torch.cat([anchor.features(self._to_device(b)).cpu() for b in batches]))
 
     def _set_up_validation(self) -> None:
         """Validation batches as large as training's (whole per process), if there are two."""
