@@ -59,6 +59,9 @@ TRAINING = (
     "augment.crop_p=0",
     "augment.affine_p=0",
     "augment.blur_p=0",
+    # Linear heads: at lr 1e-3 they fit within 120 steps, where cpu-small's MLP heads reach
+    # text->image P@10 0.20 only (measured), and the test checks the evaluation, not them.
+    "model.projection.kind=linear",
 )
 
 
