@@ -222,7 +222,7 @@ def export_bundle(
         # Zero-shot classification scales similarities by the temperature the run trained
         # with; an anchored model's text-image similarities are shorter by text_scale, and
         # its temperature shrinks with them so probabilities stay those of training.
-        temperature=checkpoint_temperature(checkpoint) * getattr(model, "text_scale", 1.0),
+        temperature=checkpoint_temperature(checkpoint) * model.text_scale,
     )
 
 

@@ -96,7 +96,7 @@ class ConVIRT(nn.Module):
         1 without an anchor; ``sqrt(1 - anchor.weight)`` with one, since text is zero on
         the anchor's dimensions and the learned part of an image has that length.
         """
-        anchor = self.config.anchor
+        anchor = self.image_anchor
         return 1.0 if anchor is None else math.sqrt(1.0 - anchor.weight)
 
     @property
@@ -158,9 +158,9 @@ class ConVIRT(nn.Module):
         unit vectors (``AnchorConfig``), so there is no raw projection to return.
         """
         projected = self._project_image(x)  # (B, P)
-        if self.image_anchor is None or self.config.anchor is None:
+        if self.image_anchor is None:
             return F.normalize(projected, dim=-1) if normalize else projected
-        weight = self.config.anchor.weight
+        weight = self.image_anchor.weight
         anchored = self.image_anchor(x.to(self._device()))  # (B, A)
         return torch.cat(
             [

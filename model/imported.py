@@ -104,6 +104,11 @@ class ImportedDualEncoder(nn.Module):
         return self.config.projection.dim
 
     @property
+    def text_scale(self) -> float:
+        """Text–image cosine in the served space ÷ training's: 1, there is no anchor."""
+        return 1.0
+
+    @property
     def image_mean(self) -> tuple[float, float, float]:
         return self.imported.mean
 

@@ -48,6 +48,8 @@ class ImageAnchor(nn.Module):
                 f"anchor.dim: {config.dim} is more than the backbone's {features} features"
             )
         self.dim = config.dim
+        #: The anchor's share of image→image similarity (``AnchorConfig.weight``).
+        self.weight = config.weight
         self.mean: torch.Tensor
         self.basis: torch.Tensor
         self.fitted: torch.Tensor

@@ -40,21 +40,16 @@ def _tiny_image(towers: tuple[Path, Path]) -> ImageTowerConfig:
     return ImageTowerConfig(name="hf", path_or_id=str(towers[0]), input_size=64)
 
 
-def _anchored(manifest: Path, out: Path, towers: tuple[Path, Path], *extra: str) -> ModelConfig:
-    config = tiny_config(
-        manifest,
-        out,
-        towers,
-        "model.projection.dim=8",
-        f'model.anchor={{"dim": 8, "weight": {WEIGHT}, "fit_images": 40}}',
-        *extra,
-    )
-    return config.model
+#: Overrides of the tiny config: 8 learned dimensions and 8 of the anchor's.
+ANCHORED = (
+    "model.projection.dim=8",
+    f'model.anchor={{"dim": 8, "weight": {WEIGHT}, "fit_images": 40}}',
+)
 
 
 def _fitted_model(corpus: Path, tmp_path: Path, towers: tuple[Path, Path]) -> ConVIRT:
     torch.manual_seed(0)
-    model = build_model(_anchored(corpus, tmp_path / "run", towers)).eval()
+    model = build_model(tiny_config(corpus, tmp_path / "run", towers, *ANCHORED).model).eval()
     assert model.image_anchor is not None
     model.image_anchor.fit(torch.randn(40, model.image_anchor.mean.shape[0]))
     return model
@@ -148,8 +143,7 @@ def test_training_fits_the_anchor_once_never_moves_it_and_the_bundle_carries_it(
         tmp_path / "run",
         towers,
         *NO_AUGMENT,
-        "model.projection.dim=8",
-        f'model.anchor={{"dim": 8, "weight": {WEIGHT}, "fit_images": 40}}',
+        *ANCHORED,
         "train.max_steps=2",
     )
     torch.manual_seed(0)
