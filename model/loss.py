@@ -8,6 +8,14 @@ by the temperature τ:
     ℓ(u→v)_i = −log softmax_k(⟨u_i, v_k⟩ / τ)_i      (row i of the text→image logits)
     L = mean_i [ λ ℓ(v→u)_i + (1 − λ) ℓ(u→v)_i ]
 
+Repeated sentences need no special targets. Short impressions repeat within a batch (in
+the demo corpus about 14 of 32 rows share their sentence with another row), which looks
+like false negatives, but pairs with the same sentence have the same text embedding:
+their text→image rows are identical, so together they already put one −log p on every
+image of the group, exactly what targets spread evenly over the group would give; and in
+image→text, equal texts get equal probabilities. Only differently worded sentences of the
+same finding stay each other's negatives.
+
 Distributed training (``world_size > 1``): every rank gathers the embeddings of all
 ranks, keeps its own slice as the local tensor (so the local rows always keep their
 autograd path) and scores only its B local rows against all N = Σ B_r columns, with the

@@ -194,3 +194,35 @@ def test_rejects_mismatched_inputs_and_bad_settings() -> None:
     loss = ConVIRTLoss(rank=0, world_size=3, gather_fn=lambda x: [x, x])
     with pytest.raises(LossInputError, match="world size of 3"):
         loss(images, texts)
+
+
+def _spread_reference(
+    images: torch.Tensor, texts: torch.Tensor, keys: Sequence[int], tau: float, lam: float
+) -> float:
+    """Loops, each row's −log softmax averaged over every column sharing its sentence key."""
+    n = images.shape[0]
+    sim = [[(images[i] @ texts[k]).item() / tau for k in range(n)] for i in range(n)]
+    total = 0.0
+    for i in range(n):
+        same = [k for k in range(n) if keys[k] == keys[i]]
+        row = sum(math.exp(sim[i][k]) for k in range(n))
+        column = sum(math.exp(sim[k][i]) for k in range(n))
+        image_to_text = -sum(math.log(math.exp(sim[i][k]) / row) for k in same) / len(same)
+        text_to_image = -sum(math.log(math.exp(sim[k][i]) / column) for k in same) / len(same)
+        total += lam * image_to_text + (1 - lam) * text_to_image
+    return total / n
+
+
+@pytest.mark.parametrize(("tau", "lam"), [(0.1, 0.75), (0.5, 0.0), (0.07, 1.0)])
+def test_repeated_sentences_are_already_shared_positives(tau: float, lam: float) -> None:
+    # Rows 0, 2 and 5 carry one sentence, rows 1 and 4 another: their text embeddings are
+    # the same. The paper's one-positive targets must then equal targets spread evenly over
+    # every image of a sentence, so no special handling of repeats is needed (module doc).
+    keys = (3, 7, 3, 9, 7, 3, 1)
+    images, texts = _embeddings(len(keys), 5, seed=10)
+    first = {key: i for i, key in reversed(list(enumerate(keys)))}
+    repeated = texts.detach()[[first[key] for key in keys]]
+    loss = ConVIRTLoss(temperature=tau, lambda_=lam)(images, repeated)
+    assert loss.item() == pytest.approx(
+        _spread_reference(images, repeated, keys, tau, lam), rel=1e-10
+    )
