@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 #: Studies in the demo corpus: a few training epochs of the CPU config fit the budget.
 #: More studies for as many steps did not help: 2,000 studies for 10 epochs (500 steps)
 #: scored zero-shot 0.875 on their test split and 0.887 on a second synthetic corpus,
-#: within the 1,000-study recipe's seed spread (0.881 to 0.899, 0.881 to 0.895).
+#: within the 1,000-study recipe's seed spread (cpu-small.yaml's measurement comment).
 DEFAULT_STUDIES: Final = 1000
 #: Seconds from the command's start to a serving demo on a first run: the promise is 15
 #: minutes for ``make demo``, and this leaves 3 of them to the virtual environment's

@@ -23,16 +23,28 @@ def _embeddings(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images.requires_grad_(), texts.requires_grad_()
 
 
-def _reference(images: torch.Tensor, texts: torch.Tensor, tau: float, lam: float) -> float:
-    """Per-pair −log softmax written out as loops over the rows and columns (eq. 1–3)."""
+def _reference(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    tau: float,
+    lam: float,
+    keys: Sequence[int] | None = None,
+) -> float:
+    """Per-pair −log softmax written out as loops over the rows and columns (eq. 1–3).
+
+    With ``keys``, each row's −log softmax is averaged over every column whose key equals
+    the row's (targets spread evenly over a sentence's pairs); without, the key is the row.
+    """
     n = images.shape[0]
+    keys = range(n) if keys is None else keys
     sim = [[(images[i] @ texts[k]).item() / tau for k in range(n)] for i in range(n)]
     total = 0.0
     for i in range(n):
+        same = [k for k in range(n) if keys[k] == keys[i]]
         row = sum(math.exp(sim[i][k]) for k in range(n))
         column = sum(math.exp(sim[k][i]) for k in range(n))
-        image_to_text = -math.log(math.exp(sim[i][i]) / row)
-        text_to_image = -math.log(math.exp(sim[i][i]) / column)
+        image_to_text = -sum(math.log(math.exp(sim[i][k]) / row) for k in same) / len(same)
+        text_to_image = -sum(math.log(math.exp(sim[k][i]) / column) for k in same) / len(same)
         total += lam * image_to_text + (1 - lam) * text_to_image
     return total / n
 
@@ -196,23 +208,6 @@ def test_rejects_mismatched_inputs_and_bad_settings() -> None:
         loss(images, texts)
 
 
-def _spread_reference(
-    images: torch.Tensor, texts: torch.Tensor, keys: Sequence[int], tau: float, lam: float
-) -> float:
-    """Loops, each row's −log softmax averaged over every column sharing its sentence key."""
-    n = images.shape[0]
-    sim = [[(images[i] @ texts[k]).item() / tau for k in range(n)] for i in range(n)]
-    total = 0.0
-    for i in range(n):
-        same = [k for k in range(n) if keys[k] == keys[i]]
-        row = sum(math.exp(sim[i][k]) for k in range(n))
-        column = sum(math.exp(sim[k][i]) for k in range(n))
-        image_to_text = -sum(math.log(math.exp(sim[i][k]) / row) for k in same) / len(same)
-        text_to_image = -sum(math.log(math.exp(sim[k][i]) / column) for k in same) / len(same)
-        total += lam * image_to_text + (1 - lam) * text_to_image
-    return total / n
-
-
 @pytest.mark.parametrize(("tau", "lam"), [(0.1, 0.75), (0.5, 0.0), (0.07, 1.0)])
 def test_repeated_sentences_are_already_shared_positives(tau: float, lam: float) -> None:
     # Rows 0, 2 and 5 carry one sentence, rows 1 and 4 another: their text embeddings are
@@ -223,6 +218,4 @@ def test_repeated_sentences_are_already_shared_positives(tau: float, lam: float)
     first = {key: i for i, key in reversed(list(enumerate(keys)))}
     repeated = texts.detach()[[first[key] for key in keys]]
     loss = ConVIRTLoss(temperature=tau, lambda_=lam)(images, repeated)
-    assert loss.item() == pytest.approx(
-        _spread_reference(images, repeated, keys, tau, lam), rel=1e-10
-    )
+    assert loss.item() == pytest.approx(_reference(images, repeated, tau, lam, keys), rel=1e-10)
