@@ -448,6 +448,9 @@ class EncoderBundle:
         self.preprocess_threads = max(1, preprocess_threads)
         self._transform_pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        from model.towers.image import CHANNELS_LAST_DEVICES
+
+        self._channels_last = device.type in CHANNELS_LAST_DEVICES
 
     @property
     def model_id(self) -> str:
@@ -505,6 +508,7 @@ class EncoderBundle:
 
         from model.config import InvalidConfigError, ModelConfig, config_from_dict
         from model.convirt import build_encoder
+        from model.towers.image import CHANNELS_LAST_DEVICES
         from model.transforms import EvalTransform
 
         root = Path(path)
@@ -535,6 +539,8 @@ class EncoderBundle:
                 f"bundle {root}: weights do not fit the model: {exc}"
             ) from None
         model.to(target).eval()
+        if target.type in CHANNELS_LAST_DEVICES:
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         logger.info("loaded bundle %s from %s on %s", manifest["model_id"], root, target)
         return cls(
             model,
@@ -584,7 +590,7 @@ class EncoderBundle:
 
     def _images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         if self.preprocess_threads == 1 or len(images) < 2:
-            return self.preprocessing.stack(images).to(self.device)  # (b, 3, S, S)
+            return self._model_layout(self.preprocessing.stack(images))  # (b, 3, S, S)
         with self._pool_lock:
             if self._transform_pool is None:
                 self._transform_pool = ThreadPoolExecutor(
@@ -592,7 +598,14 @@ class EncoderBundle:
                 )
             pool = self._transform_pool
         tensors = list(pool.map(self.preprocessing, images))  # b x (3, S, S)
-        return torch.stack(tensors).to(self.device)  # (b, 3, S, S)
+        return self._model_layout(torch.stack(tensors))  # (b, 3, S, S)
+
+    def _model_layout(self, batch: torch.Tensor) -> torch.Tensor:
+        """(b, 3, S, S) on the model's device, in its memory layout."""
+        batch = batch.to(self.device)
+        if self._channels_last:
+            return batch.contiguous(memory_format=torch.channels_last)
+        return batch
 
     def encode_images(self, images: Sequence[np.ndarray], *, batch_size: int = 32) -> FloatArray:
         """Embed decoded radiographs.

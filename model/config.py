@@ -71,6 +71,13 @@ class ImageTowerConfig:
     statistics whatever the learning rate, and on a corpus unlike real radiographs (the
     synthetic demo) that alone costs real-image retrieval (measured by
     ``tests/benchmarks/quality_real.py``).
+
+    ``freeze_blocks`` keeps the stem and the first N blocks at their pretrained weights
+    (EfficientNet-Lite0 and ResNet-50 both have 16: MBConv and bottleneck blocks; an
+    ``hf`` backbone needs ResNet's layout, and others are refused when the tower is
+    built). No gradient flows into them, so a training step skips their backward pass,
+    the dearest part of it on a CPU: those blocks run at the highest resolutions. Their
+    edge and texture filters are what ImageNet teaches any image model anyway.
     """
 
     name: str = "efficientnet_lite0"
@@ -79,6 +86,7 @@ class ImageTowerConfig:
     input_size: int = 224
     in_channels_strategy: str = "repeat"
     freeze_batchnorm: bool = False
+    freeze_blocks: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("name", self.name, IMAGE_TOWER_NAMES)
@@ -87,6 +95,8 @@ class ImageTowerConfig:
             raise InvalidConfigError("path_or_id: required when name is 'hf'")
         if self.input_size < 32:
             raise InvalidConfigError(f"input_size: {self.input_size} is below 32 pixels")
+        if self.freeze_blocks < 0:
+            raise InvalidConfigError(f"freeze_blocks: {self.freeze_blocks} is negative")
 
 
 @dataclass

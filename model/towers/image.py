@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch import nn
@@ -34,6 +34,11 @@ from model.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 
+#: Devices whose convolutions run faster on channels-last (NHWC) tensors. On 2 CPU
+#: cores, EfficientNet-Lite0 at 160 px in batches of 32: a training step of the CPU
+#: config takes 0.65x the time (924 -> 601 ms), a forward pass 0.66x (143 -> 94 ms).
+CHANNELS_LAST_DEVICES: Final = ("cpu", "cuda")
+
 #: Per-channel (R, G, B) normalisation statistics.
 Stats = tuple[float, float, float]
 
@@ -43,7 +48,8 @@ class ImageTower(nn.Module):
 
     ``freeze_batchnorm`` keeps every batch-norm layer in eval mode, also while training:
     its running statistics stay those of the pretrained weights instead of drifting to
-    the training images' (see ``ImageTowerConfig``).
+    the training images' (see ``ImageTowerConfig``). :meth:`freeze_first_blocks` does
+    the same for the layers it freezes, and takes their gradients away.
     """
 
     out_dim: int
@@ -51,13 +57,39 @@ class ImageTower(nn.Module):
     std: Stats
     freeze_batchnorm: bool = False
 
+    def __init__(self) -> None:
+        super().__init__()
+        # A plain list, not a ModuleList: the modules are registered where they live.
+        self._frozen: list[nn.Module] = []
+
     def train(self, mode: bool = True) -> ImageTower:
         super().train(mode)
         if mode and self.freeze_batchnorm:
             for module in self.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
+        if mode:
+            for module in self._frozen:
+                module.eval()
         return self
+
+    def stem_and_blocks(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The layers before the first block, and the blocks in order (for freezing)."""
+        raise InvalidConfigError(f"freeze_blocks: not supported by {type(self).__name__}")
+
+    def freeze_first_blocks(self, count: int) -> None:
+        """Keep the stem and the first ``count`` blocks as they are: no gradient, eval mode."""
+        if count == 0:
+            return
+        stem, blocks = self.stem_and_blocks()
+        if count > len(blocks):
+            raise InvalidConfigError(
+                f"freeze_blocks: {count} is more than the tower's {len(blocks)} blocks"
+            )
+        self._frozen = [*stem, *blocks[:count]]
+        for module in self._frozen:
+            module.requires_grad_(False)
+        self.train(self.training)
 
 
 class EfficientNetLiteTower(ImageTower):
@@ -72,6 +104,10 @@ class EfficientNetLiteTower(ImageTower):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised with mean/std 0.5 → (B, 1280) average-pooled features."""
         return self.backbone.pooled_features(x)  # (B, 1280)
+
+    def stem_and_blocks(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        net = self.backbone
+        return [net._conv_stem, net._bn0], list(net._blocks)
 
 
 def is_local_path(path_or_id: str) -> bool:
@@ -157,6 +193,14 @@ class HFImageTower(ImageTower):
         finally:
             self.backbone.train(was_training)
 
+    def stem_and_blocks(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        # ResNet's layout in transformers: an embedder, then stages of residual layers.
+        embedder = getattr(self.backbone, "embedder", None)
+        stages = getattr(getattr(self.backbone, "encoder", None), "stages", None)
+        if embedder is None or stages is None:
+            return super().stem_and_blocks()
+        return [embedder], [layer for stage in stages for layer in stage.layers]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised → (B, F)."""
         output = self.backbone(pixel_values=x)
@@ -173,6 +217,7 @@ def build_image_tower(config: ImageTowerConfig, *, pretrained: bool | None = Non
     """The image tower described by ``config``; ``pretrained`` overrides ``config.pretrained``."""
     tower = _build_tower(config, pretrained=pretrained)
     tower.freeze_batchnorm = config.freeze_batchnorm
+    tower.freeze_first_blocks(config.freeze_blocks)
     return tower
 
 

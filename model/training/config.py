@@ -177,7 +177,7 @@ class RunConfig:
     without a validation improvement larger than ``early_stopping_min_delta`` (0 disables
     early stopping). ``precision`` ``auto`` is bf16 autocast on a CUDA device that supports
     it, else fp16 with a gradient scaler on CUDA, else fp32; ``channels_last`` applies on
-    CUDA. ``device`` ``auto`` picks CUDA when present (under ``torchrun`` the process's
+    CUDA and the CPU. ``device`` ``auto`` picks CUDA when present (under ``torchrun`` the process's
     ``LOCAL_RANK`` device). ``out_dir`` receives the checkpoints, ``metrics.jsonl``, the
     resolved ``config.yaml`` and ``loss.png``.
     """

@@ -39,6 +39,7 @@ from model.checkpoint import (
     save_checkpoint,
 )
 from model.config import InvalidConfigError
+from model.towers.image import CHANNELS_LAST_DEVICES
 from model.training.config import TrainConfig, dump_train_config, train_config_to_dict
 from model.training.data import (
     EpochBatchSampler,
@@ -170,7 +171,7 @@ class Trainer:
             model.load_state_dict(init_weights, strict=True)
         device = self.ctx.device
         self.autocast_dtype, self._use_scaler = resolve_precision(run.precision, device)
-        self.channels_last = run.channels_last and device.type == "cuda"
+        self.channels_last = run.channels_last and device.type in CHANNELS_LAST_DEVICES
         if self.ctx.distributed and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(device)

@@ -195,6 +195,11 @@ def test_hf_tower_pools_transformer_tokens_and_reads_local_stats(tmp_path: Path)
     assert tower(torch.randn(3, 3, 32, 32)).shape == (3, 32)
     with pytest.raises(InvalidConfigError, match="expected 'resnet'"):
         build_image_tower(ImageTowerConfig(name="resnet50", path_or_id=str(path), input_size=32))
+    # Where a ViT's "blocks" begin is not ResNet's layout: refused, not guessed.
+    with pytest.raises(InvalidConfigError, match="freeze_blocks: not supported by HFImageTower"):
+        build_image_tower(
+            ImageTowerConfig(name="hf", path_or_id=str(path), input_size=32, freeze_blocks=1)
+        )
 
 
 # --------------------------------------------------------------------- text tower

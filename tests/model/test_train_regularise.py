@@ -160,3 +160,52 @@ def test_frozen_batchnorm_keeps_the_pretrained_statistics_in_training() -> None:
     start, free = after_one_batch(False)
     state = free.state_dict()
     assert any(not torch.equal(start[k], state[k]) for k in start)
+
+
+def test_frozen_first_blocks_stand_still_and_skip_the_backward(
+    corpus: Path, towers: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # The tiny ResNet has two blocks; the stem and the first stay, the second learns.
+    config = tiny_config(
+        corpus, tmp_path / "run", towers, "optim.warmup_steps=0", "model.image.freeze_blocks=1"
+    )
+    trainer = Trainer(config)
+    try:
+        assert isinstance(trainer.module, ConVIRT)
+        tower = trainer.module.image_encoder
+        stem, blocks = tower.stem_and_blocks()
+        frozen = [*stem, blocks[0]]
+        # Batch-norm statistics count too: a frozen block stays in eval mode in training.
+        start = [{k: v.clone() for k, v in m.state_dict().items()} for m in frozen]
+        learning = _snapshot(blocks[1])
+        _steps(trainer, 2)
+        assert tower.training
+        assert not any(m.training for m in frozen)
+        for module, before in zip(frozen, start, strict=True):
+            after = module.state_dict()
+            assert all(torch.equal(before[k], after[k]) for k in before)
+            assert all(p.grad is None for p in module.parameters())
+        assert _moved(learning, blocks[1]) > 0.0
+        held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+        assert not held & {id(p) for m in frozen for p in m.parameters()}
+    finally:
+        trainer.close()
+
+
+def test_freeze_blocks_is_checked_against_the_tower(towers: tuple[Path, Path]) -> None:
+    from model.config import ImageTowerConfig
+    from model.towers.image import build_image_tower
+
+    with pytest.raises(InvalidConfigError, match="freeze_blocks: -1 is negative"):
+        ImageTowerConfig(freeze_blocks=-1)
+    with pytest.raises(InvalidConfigError, match="more than the tower's 2 blocks"):
+        build_image_tower(
+            ImageTowerConfig(name="hf", path_or_id=str(towers[0]), input_size=64, freeze_blocks=3)
+        )
+    lite = build_image_tower(ImageTowerConfig(input_size=64, freeze_blocks=16), pretrained=False)
+    assert len(lite.stem_and_blocks()[1]) == 16
+    # Only the head convolution after the 16 blocks is left to learn.
+    assert {n.split(".")[1] for n, p in lite.named_parameters() if p.requires_grad} == {
+        "_conv_head",
+        "_bn1",
+    }
