@@ -151,6 +151,17 @@ def test_bundle_embeds_like_the_checkpoint_model(
     np.testing.assert_allclose(bundle.encode_texts(TEXTS), expected_texts, atol=1e-5)
 
 
+def test_a_cpu_bundle_runs_its_convolutions_channels_last(bundle: EncoderBundle) -> None:
+    # The faster layout on the CPU; the vectors stay the checkpoint model's (above).
+    spatial = [
+        m.weight
+        for m in bundle.model.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)
+    ]
+    assert spatial
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in spatial)
+
+
 def test_export_and_load_never_import_training(
     checkpoint: Path, tmp_path: Path, images: list[np.ndarray]
 ) -> None:

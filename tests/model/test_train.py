@@ -16,7 +16,7 @@ from model.data.manifest import read_manifest
 from model.inputs.decode import decode_file
 from model.training.config import dump_train_config, load_train_config
 from model.training.plots import read_metrics
-from model.training.trainer import train
+from model.training.trainer import Trainer, train
 from tests.model.trainer_support import (
     NO_AUGMENT,
     tiny_config,
@@ -102,6 +102,33 @@ def test_the_shipped_cpu_config_trains_and_exports(corpus: Path, tmp_path: Path)
     assert vectors.shape == (3, 512)
     assert texts.shape == (2, 512)
     np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
+
+
+def test_the_cpu_trains_channels_last_to_the_same_loss(
+    corpus: Path, towers: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # NHWC is the faster layout for CPU convolutions too (see CHANNELS_LAST_DEVICES);
+    # the layout must change the speed only, not what is learned.
+    losses = {}
+    for layout in (True, False):
+        option = f"train.channels_last={str(layout).lower()}"
+        trainer = Trainer(tiny_config(corpus, tmp_path / str(layout), towers, option))
+        try:
+            assert trainer.channels_last is layout
+            spatial = [
+                m.weight
+                for m in trainer.module.modules()
+                if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)
+            ]
+            assert spatial
+            assert all(
+                w.is_contiguous(memory_format=torch.channels_last) is layout for w in spatial
+            )
+            images, texts = next(trainer.batches(0))
+            losses[layout] = float(trainer.compute_loss(images, texts).detach())
+        finally:
+            trainer.close()
+    assert losses[True] == pytest.approx(losses[False], abs=1e-4)
 
 
 @pytest.mark.slow

@@ -75,6 +75,7 @@ def tiny_config(
             # do not need; tests/model/test_anchor.py adds the anchor back.
             "optim.image_backbone_lr_scale=1.0",
             "model.image.freeze_batchnorm=false",
+            "model.image.freeze_blocks=0",
             "model.projection.kind=nonlinear",
             "model.projection.image_orthogonal=false",
             "model.anchor=null",
