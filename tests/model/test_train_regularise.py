@@ -8,6 +8,8 @@ weights. Checked on the tiny towers: what moves, what stands still, and by how m
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,19 @@ def _moved(before: dict[str, torch.Tensor], module: torch.nn.Module) -> float:
     return sum(float((after[k].detach() - v).norm()) for k, v in before.items())
 
 
+@contextmanager
+def _trainer(
+    corpus: Path, towers: tuple[Path, Path], out: Path, *overrides: str
+) -> Iterator[tuple[Trainer, ConVIRT]]:
+    """A tiny trainer without warmup (the first steps move at the full rate), and its model."""
+    trainer = Trainer(tiny_config(corpus, out, towers, "optim.warmup_steps=0", *overrides))
+    try:
+        assert isinstance(trainer.module, ConVIRT)
+        yield trainer, trainer.module
+    finally:
+        trainer.close()
+
+
 def _steps(trainer: Trainer, n: int) -> None:
     batches = trainer.batches(0)
     for _ in range(n):
@@ -56,19 +71,14 @@ def _steps(trainer: Trainer, n: int) -> None:
 def test_frozen_steps_hold_the_backbone_while_the_heads_learn(
     corpus: Path, towers: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    config = tiny_config(
+    with _trainer(
         corpus,
-        tmp_path / "run",
         towers,
-        "optim.warmup_steps=0",
+        tmp_path / "run",
         "optim.image_backbone_frozen_steps=2",
         "optim.image_backbone_lr_scale=0.5",
-    )
-    trainer = Trainer(config)
-    try:
-        assert isinstance(trainer.module, ConVIRT)
-        backbone = trainer.module.image_encoder
-        heads = trainer.module.image_projection
+    ) as (trainer, model):
+        backbone, heads = model.image_encoder, model.image_projection
         start_backbone, start_heads = _snapshot(backbone), _snapshot(heads)
         _steps(trainer, 2)
         assert _moved(start_backbone, backbone) == 0.0
@@ -77,21 +87,16 @@ def test_frozen_steps_hold_the_backbone_while_the_heads_learn(
         assert [g["lr"] for g in groups][1] == pytest.approx(groups[0]["lr"] * 0.5)
         _steps(trainer, 1)
         assert _moved(start_backbone, backbone) > 0.0
-    finally:
-        trainer.close()
 
 
 def test_a_zero_rate_freezes_the_backbone_without_gradients(
     corpus: Path, towers: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    config = tiny_config(
-        corpus, tmp_path / "run", towers, "optim.warmup_steps=0", "optim.image_backbone_lr_scale=0"
-    )
-    trainer = Trainer(config)
-    try:
-        assert isinstance(trainer.module, ConVIRT)
-        backbone = trainer.module.image_encoder
-        heads = trainer.module.image_projection
+    with _trainer(corpus, towers, tmp_path / "run", "optim.image_backbone_lr_scale=0") as (
+        trainer,
+        model,
+    ):
+        backbone, heads = model.image_encoder, model.image_projection
         start_backbone = {k: v.detach().clone() for k, v in backbone.named_parameters()}
         start_heads = _snapshot(heads)
         _steps(trainer, 2)
@@ -101,8 +106,6 @@ def test_a_zero_rate_freezes_the_backbone_without_gradients(
         assert not held & {id(p) for p in backbone.parameters()}
         assert _moved(start_backbone, backbone) == 0.0
         assert _moved(start_heads, heads) > 0.0
-    finally:
-        trainer.close()
 
 
 def test_l2sp_pulls_towards_the_initial_weights(
@@ -166,13 +169,11 @@ def test_frozen_first_blocks_stand_still_and_skip_the_backward(
     corpus: Path, towers: tuple[Path, Path], tmp_path: Path
 ) -> None:
     # The tiny ResNet has two blocks; the stem and the first stay, the second learns.
-    config = tiny_config(
-        corpus, tmp_path / "run", towers, "optim.warmup_steps=0", "model.image.freeze_blocks=1"
-    )
-    trainer = Trainer(config)
-    try:
-        assert isinstance(trainer.module, ConVIRT)
-        tower = trainer.module.image_encoder
+    with _trainer(corpus, towers, tmp_path / "run", "model.image.freeze_blocks=1") as (
+        trainer,
+        model,
+    ):
+        tower = model.image_encoder
         stem, blocks = tower.stem_and_blocks()
         frozen = [*stem, blocks[0]]
         # Batch-norm statistics count too: a frozen block stays in eval mode in training.
@@ -188,8 +189,6 @@ def test_frozen_first_blocks_stand_still_and_skip_the_backward(
         assert _moved(learning, blocks[1]) > 0.0
         held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
         assert not held & {id(p) for m in frozen for p in m.parameters()}
-    finally:
-        trainer.close()
 
 
 def test_freeze_blocks_is_checked_against_the_tower(towers: tuple[Path, Path]) -> None:
