@@ -450,7 +450,10 @@ class EncoderBundle:
         self._pool_lock = threading.Lock()
         from model.towers.image import CHANNELS_LAST_DEVICES
 
+        # The model and its inputs take the faster layout together, in this one place.
         self._channels_last = device.type in CHANNELS_LAST_DEVICES
+        if self._channels_last:
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @property
     def model_id(self) -> str:
@@ -508,7 +511,6 @@ class EncoderBundle:
 
         from model.config import InvalidConfigError, ModelConfig, config_from_dict
         from model.convirt import build_encoder
-        from model.towers.image import CHANNELS_LAST_DEVICES
         from model.transforms import EvalTransform
 
         root = Path(path)
@@ -539,8 +541,6 @@ class EncoderBundle:
                 f"bundle {root}: weights do not fit the model: {exc}"
             ) from None
         model.to(target).eval()
-        if target.type in CHANNELS_LAST_DEVICES:
-            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         logger.info("loaded bundle %s from %s on %s", manifest["model_id"], root, target)
         return cls(
             model,
