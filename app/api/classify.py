@@ -12,8 +12,7 @@ import logging
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
 from app.api.deps import RuntimeDep, SettingsDep
@@ -22,10 +21,12 @@ from app.api.search import embed_upload, stored_query_vector
 from app.api.uploads import (
     field_problem,
     image_or_json_openapi,
+    read_json_body,
     read_upload,
     require_content_type,
     validate_part,
 )
+from app.schemas import MAX_ID, RequestModel
 from app.security import require_api_key
 from app.services.classify import Classification
 from app.services.runtime import Runtime
@@ -40,12 +41,12 @@ _MULTIPART: Final = "multipart/form-data"
 PromptSetId = Annotated[str, Field(min_length=1, max_length=64)]
 
 
-class ClassifyCreate(BaseModel):
+class ClassifyCreate(RequestModel):
     """``POST /classify`` as JSON: classify an image already stored."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    image_id: int = Field(description="Id of a stored image; it does not vote on itself.")
+    image_id: int = Field(
+        ge=1, le=MAX_ID, description="Id of a stored image; it does not vote on itself."
+    )
     prompt_set: PromptSetId | None = Field(
         default=None, description="A shipped prompt set's id (default chexpert-14)."
     )
@@ -138,12 +139,7 @@ async def classify_image(
 
 
 async def _classify_by_id(request: Request, runtime: Runtime) -> ClassifyPublic:
-    try:
-        payload = await request.json()
-    except ValueError as exc:
-        raise RequestValidationError(
-            [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]
-        ) from exc
+    payload = await read_json_body(request)
     body: ClassifyCreate = validate_part(ClassifyCreate, payload, ("body",))
     prompt_set = runtime.classifier.prompt_set(body.prompt_set)
     vector = await stored_query_vector(runtime, body.image_id)

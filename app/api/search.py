@@ -10,7 +10,6 @@ import anyio
 import numpy as np
 import numpy.typing as npt
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import UploadFile
 
 from app.api.deps import RuntimeDep, SettingsDep
@@ -22,6 +21,7 @@ from app.api.uploads import (
     inline_refs,
     json_body,
     parse_json_field,
+    read_json_body,
     read_upload,
     require_content_type,
     validate_part,
@@ -181,13 +181,7 @@ async def search_image(
 async def _search_by_id(
     request: Request, runtime: Runtime, settings: Settings
 ) -> tuple[int, list[Hit]]:
-    try:
-        payload = await request.json()
-    except (ValueError, RecursionError) as exc:
-        # RecursionError: nesting deeper than the JSON parser's recursion allows.
-        raise RequestValidationError(
-            [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]
-        ) from exc
+    payload = await read_json_body(request)
     body: ImageSearchCreate = validate_part(ImageSearchCreate, payload, ("body",))
     k = _check_k(body.k, settings)
     filters = _filters(body.filters)

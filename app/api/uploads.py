@@ -119,6 +119,20 @@ def json_body(request: Request) -> None:
     require_content_type(request, "application/json")
 
 
+async def read_json_body(request: Request) -> Any:
+    """The request's JSON body, or a 422 ``validation_error`` for one that does not parse.
+
+    The caller has checked the content type (``require_content_type``); nesting deeper
+    than the parser's recursion allows is a malformed body too, not a server error.
+    """
+    try:
+        return await request.json()
+    except (ValueError, RecursionError) as exc:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]
+        ) from exc
+
+
 def field_problem(loc: list[str | int], msg: str, kind: str) -> ProblemError:
     """A 422 ``validation_error`` problem for one form field."""
     return ProblemError(
