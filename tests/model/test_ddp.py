@@ -18,11 +18,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 # A worker still running after this long prints its stacks and exits (see ddp_worker.py);
-# a healthy run takes seconds.
+# a healthy run takes seconds. A command gets a minute more to report it, and the test
+# room for its three commands (one process, then torchrun at most twice).
 WORKER_DEADLINE_S = 150
+COMMAND_TIMEOUT_S = WORKER_DEADLINE_S + 60
 
 
-def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -34,11 +36,17 @@ def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]
     }
     try:
         return subprocess.run(
-            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+            command,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+            check=False,
         )
     except subprocess.TimeoutExpired as expired:
         stderr = expired.stderr.decode(errors="replace") if expired.stderr else ""
-        pytest.fail(f"{command} ran past {timeout} s:\n{stderr[-5000:]}")
+        pytest.fail(f"{command} ran past {COMMAND_TIMEOUT_S} s:\n{stderr[-5000:]}")
 
 
 def _tail(done: subprocess.CompletedProcess[str]) -> str:
@@ -46,13 +54,13 @@ def _tail(done: subprocess.CompletedProcess[str]) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(3 * COMMAND_TIMEOUT_S + 60)
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path: Path) -> None:
     manifest = generate_corpus(tmp_path / "corpus", 32, seed=5, size=96, progress=False)
     towers = tmp_path / "towers"
     args = [str(manifest), str(towers)]
     single, double = tmp_path / "single.pt", tmp_path / "double.pt"
-    done = _run([sys.executable, str(WORKER), str(single), *args, str(tmp_path / "run1")], 300)
+    done = _run([sys.executable, str(WORKER), str(single), *args, str(tmp_path / "run1")])
     assert done.returncode == 0, _tail(done)
     torchrun = [
         sys.executable,
@@ -69,7 +77,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path: Path) -> Non
     # stand) or, more rarely, while the ranks connect (no results; one more try). Each
     # failure is reported as a warning with the workers' output and stacks.
     for attempt in (1, 2):
-        done = _run([*torchrun, str(tmp_path / f"run2-{attempt}")], 300)
+        done = _run([*torchrun, str(tmp_path / f"run2-{attempt}")])
         if done.returncode == 0 or double.is_file():
             break
         warnings.warn(f"torchrun try {attempt} left no results: {_tail(done)}", stacklevel=1)
