@@ -674,10 +674,24 @@ class Trainer:
         self._log({"event": "diverged", "step": self.step + 1, "epoch": self.epoch})
         raise TrainingDiverged(message)
 
-    def close(self) -> None:
-        """Leave the process group this trainer joined (if it did)."""
-        if self.ctx.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, *, failed: bool = False) -> None:
+        """Leave the process group this trainer joined (if it did).
+
+        After a failure the group is left alone: the other processes may be waiting in a
+        collective that this one will never join, and tearing the group down then can hang
+        (pytorch/pytorch#75097), which would keep this process from exiting and the
+        launcher from stopping the rest. The process is about to exit anyway.
+        """
+        if not (self.ctx.owns_group and dist.is_initialized()):
+            return
+        if failed:
+            logger.warning(
+                "process %d of %d failed; leaving its process group to the launcher",
+                self.ctx.rank,
+                self.ctx.world_size,
+            )
+            return
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- entry points
@@ -695,6 +709,9 @@ def train(
         config, resume_from=resume_from, step_callback=step_callback, init_weights=init_weights
     )
     try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+        result = trainer.fit()
+    except BaseException:
+        trainer.close(failed=True)
+        raise
+    trainer.close()
+    return result

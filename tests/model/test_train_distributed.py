@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
+import torch.distributed as dist
 
+import model.training.trainer as trainer_module
 from model.config import InvalidConfigError
 from model.training.distributed import (
     DistContext,
@@ -15,6 +20,8 @@ from model.training.distributed import (
     resolve_device,
     resolve_precision,
 )
+from model.training.result import TrainingDiverged
+from model.training.trainer import Trainer, train
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), owns_group=False)
 
@@ -46,3 +53,38 @@ def test_one_process_agrees_with_itself() -> None:
     assert nonfinite
     assert math.isnan(mean)
     assert global_loss(CPU, math.inf)[1]
+
+
+def _trainer_that(monkeypatch: pytest.MonkeyPatch, fit: Callable[[], object]) -> None:
+    """Make ``train()`` build a trainer that owns the process group and whose fit is ``fit``."""
+    trainer = Trainer.__new__(Trainer)
+    trainer.ctx = DistContext(0, 1, 0, torch.device("cpu"), owns_group=True)
+    monkeypatch.setattr(trainer, "fit", fit)
+    monkeypatch.setattr(trainer_module, "Trainer", lambda *args, **kwargs: trainer)
+
+
+def test_a_failed_process_leaves_its_group_to_the_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real (one-process) gloo group: whether train() tears it down is what is checked.
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+
+        def diverge() -> object:
+            raise TrainingDiverged("training loss is NaN")
+
+        _trainer_that(monkeypatch, diverge)
+        with pytest.raises(TrainingDiverged):
+            train(cast(Any, None))
+        # Peers of a failed process may sit in a collective it will never join; tearing
+        # the group down could hang instead of letting torchrun stop them.
+        assert dist.is_initialized()
+
+        _trainer_that(monkeypatch, lambda: "finished")
+        assert cast(object, train(cast(Any, None))) == "finished"
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
