@@ -133,8 +133,25 @@ HTTP_STATUS_CODES: Mapping[int, str] = {
 
 #: Seconds a client is told to wait (``Retry-After``) before retrying after a database fault.
 DATABASE_RETRY_AFTER_S = 5
+
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _PG_DISK_FULL = "53100"
+
+
+def json_invalid() -> RequestValidationError:
+    """The 422 ``validation_error`` for a body sent as JSON that is not JSON text."""
+    return RequestValidationError(
+        [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]
+    )
+
+
+#: What FastAPI's 400 says when decoding a body failed other than by a JSON syntax error.
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
+def _is_json_media(request: Request) -> bool:
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -388,6 +405,10 @@ class _ProblemHandlers:
     async def http_exception(self, request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         status = exc.status_code
+        if status == 400 and exc.detail == _FASTAPI_BODY_ERROR and _is_json_media(request):
+            # FastAPI answers a JSON syntax error with a 422 but bytes that are not UTF-8,
+            # or nesting past the parser's recursion, with this 400: one mistake, one answer.
+            return await self.validation_error(request, json_invalid())
         # An HTTPException raised on purpose may carry its own code (a string attribute).
         own_code = getattr(exc, "code", None)
         code = (

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.problems import problem_response, to_problem
+from app.api.problems import json_invalid, problem_response, to_problem
 from app.errors import ProblemError, ProblemFieldError
 from app.schemas import (
     MAX_LABEL_NAME_CHARS,
@@ -128,9 +128,7 @@ async def read_json_body(request: Request) -> Any:
     try:
         return await request.json()
     except (ValueError, RecursionError) as exc:
-        raise RequestValidationError(
-            [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]
-        ) from exc
+        raise json_invalid() from exc
 
 
 def field_problem(loc: list[str | int], msg: str, kind: str) -> ProblemError:

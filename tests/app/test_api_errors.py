@@ -138,6 +138,15 @@ def test_bad_text_queries(client: TestClient) -> None:
         422,
         "validation_error",
     )
+    # Bodies that are not JSON text at all get the same answer as a syntax error: bytes
+    # that are not UTF-8, and nesting deeper than the parser's recursion.
+    for unparseable in (b'{"query": "\xff\xfe"}', b"[" * 30_000 + b"]" * 30_000):
+        for path in ("/search/text", "/evaluations"):
+            sent = client.post(
+                path, content=unparseable, headers={"content-type": "application/json"}
+            )
+            is_problem(sent, 422, "validation_error")
+            assert sent.json()["errors"][0]["type"] == "json_invalid"
     # JSON sent as a form (curl -d's default), as plain text or untyped: 415, not a 422
     # about fields the client did send.
     for headers in (
