@@ -142,3 +142,23 @@ class StopFlag:
             "%s received: saving a checkpoint at the end of this step (again to abort)",
             signal.Signals(signum).name,
         )
+
+
+def leave_group(ctx: DistContext, *, failed: bool) -> None:
+    """Destroy the process group ``ctx`` joined (if it did), after a successful run only.
+
+    After a failure the group is left alone: the other processes may be waiting in a
+    collective that this one will never join, and tearing the group down then can hang
+    (pytorch/pytorch#75097), which would keep this process from exiting and the launcher
+    from stopping the rest. The process is about to exit anyway.
+    """
+    if not (ctx.owns_group and dist.is_initialized()):
+        return
+    if failed:
+        logger.warning(
+            "process %d of %d failed; leaving its process group to the launcher",
+            ctx.rank,
+            ctx.world_size,
+        )
+        return
+    dist.destroy_process_group()

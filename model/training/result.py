@@ -13,6 +13,19 @@ class TrainingDiverged(ModelError):
 
     code = "training_diverged"
 
+    @classmethod
+    def at(cls, step: int, epoch: int, last_checkpoint: Path) -> TrainingDiverged:
+        """The error for a loss that went bad at 1-based ``step`` of 0-based ``epoch``."""
+        kept = (
+            f"the last good checkpoint {last_checkpoint} is kept"
+            if last_checkpoint.is_file()
+            else "no checkpoint yet"
+        )
+        return cls(
+            f"training loss is NaN or infinite at step {step} (epoch {epoch + 1}); {kept}. "
+            "Lower optim.lr, set optim.max_grad_norm or use train.precision=fp32, then resume."
+        )
+
 
 @dataclass
 class TrainResult:

@@ -55,6 +55,7 @@ from model.training.distributed import (
     any_process,
     global_loss,
     init_distributed,
+    leave_group,
     resolve_precision,
 )
 from model.training.plots import LOSS_PLOT_FILE, METRICS_FILE, plot_loss_curves
@@ -664,34 +665,13 @@ class Trainer:
         self.save()
 
     def _diverged(self) -> None:
-        last = self.out_dir / "checkpoints" / LAST_CHECKPOINT
-        kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint yet"
-        message = (
-            f"training loss is NaN or infinite at step {self.step + 1} (epoch {self.epoch + 1}); "
-            f"{kept}. Lower optim.lr, set optim.max_grad_norm or use train.precision=fp32, "
-            "then resume."
-        )
         self._log({"event": "diverged", "step": self.step + 1, "epoch": self.epoch})
-        raise TrainingDiverged(message)
+        last = self.out_dir / "checkpoints" / LAST_CHECKPOINT
+        raise TrainingDiverged.at(self.step + 1, self.epoch, last)
 
     def close(self, *, failed: bool = False) -> None:
-        """Leave the process group this trainer joined (if it did).
-
-        After a failure the group is left alone: the other processes may be waiting in a
-        collective that this one will never join, and tearing the group down then can hang
-        (pytorch/pytorch#75097), which would keep this process from exiting and the
-        launcher from stopping the rest. The process is about to exit anyway.
-        """
-        if not (self.ctx.owns_group and dist.is_initialized()):
-            return
-        if failed:
-            logger.warning(
-                "process %d of %d failed; leaving its process group to the launcher",
-                self.ctx.rank,
-                self.ctx.world_size,
-            )
-            return
-        dist.destroy_process_group()
+        """Leave the process group this trainer joined, unless it failed (see ``leave_group``)."""
+        leave_group(self.ctx, failed=failed)
 
 
 # --------------------------------------------------------------------------- entry points
