@@ -133,7 +133,6 @@ HTTP_STATUS_CODES: Mapping[int, str] = {
 
 #: Seconds a client is told to wait (``Retry-After``) before retrying after a database fault.
 DATABASE_RETRY_AFTER_S = 5
-
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _PG_DISK_FULL = "53100"
 
